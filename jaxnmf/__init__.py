@@ -1,0 +1,26 @@
+"""jaxnmf: coupled non-negative matrix factorisation in JAX, for reading what a CNN has learned.
+
+Saini & Papalexakis, "Analyzing Representations inside Convolutional Neural Networks", SDM 2021:
+pixel blocks D_i (pixels x N) and activation blocks A_j (neurons x N) of N probe images are
+factorised jointly as X_b ~ W_b F with one shared example factor F (d x N).
+
+    >>> import jax, numpy as np, jaxnmf
+    >>> X = {"pixels": np.random.rand(64, 100), "layer": np.random.rand(32, 100)}
+    >>> res = jaxnmf.fit(X, rank=5, key=jax.random.key(0), max_iter=50)
+    >>> res.F.shape, res.factors["layer"].shape
+    ((5, 100), (32, 5))
+"""
+from ._fit import NMFResult, fit, objective, transform
+from ._solver import MUState, Params, make_params, mu_step
+from . import analysis, reference
+from .analysis import (attribute_auc, class_weights, factor_table, latent_images, masked_top_images,
+                       mean_top_eigenvalues, median_masks, nearest_neighbours, neighbour_factor_distribution,
+                       neuron_similarity, similarity_eigenvalues)
+
+__all__ = [
+    "fit", "transform", "objective", "NMFResult", "mu_step", "MUState", "Params", "make_params",
+    "analysis", "reference",
+    "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",
+    "latent_images", "median_masks", "masked_top_images", "nearest_neighbours", "neighbour_factor_distribution",
+    "attribute_auc",
+]

@@ -1,0 +1,238 @@
+"""``fit`` and ``transform``: the user-facing coupled NMF (validation, scaling, restarts, result)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import _problem as P
+from ._solver import objective as _objective
+from ._solver import (MUState, _initial_carry_restarts, objective_restarts, _run_restarts, _run_transform, init_nndsvd, init_random,
+                      make_params, relative_errors)
+
+_CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
+
+
+@dataclass(frozen=True)
+class NMFResult:
+    """A fitted coupled NMF.
+
+    Attributes:
+      F: (rank, N) the example factor shared by every block.
+      factors: block factors W_b (rows_b, rank), in the container type of ``blocks``.
+      loss: final objective J (Eq. 3.1 with penalties), from explicit residuals.
+      losses: (n_iter,) float64, J after each iteration, from the products the updates form
+        (||X||^2 - 2 <W, X F^T> + <W^T W, F F^T>: about 1e-4 relative accuracy in float32).
+      relative_errors: ||X_b - W_b F||_F / ||X_b||_F per block, same container.
+      n_iter: iterations taken; converged: the ``tol`` test was met; finite: no step produced a
+        non-finite objective (such a step is discarded and the fit stops there).
+      restart_losses: (n_restarts,) final objective of every restart; the best is returned.
+      block_weights: w_b used, same container.
+      settings: the resolved options (used by ``transform``).
+    """
+
+    F: jax.Array
+    loss: float
+    factors: Any
+    losses: np.ndarray
+    relative_errors: Any
+    n_iter: int
+    converged: bool
+    finite: bool
+    restart_losses: np.ndarray
+    block_weights: Any
+    settings: dict = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """fit solves the equivalent problem X_b / s_b, W_b / s_b (s_b the largest entry of block b),
+    objective / c with c = max_b w_b s_b^2, so that any data range stays in floating point; the
+    weights and penalties are mapped so that c J' = J exactly."""
+
+    s: np.ndarray  # (B,)
+    c: float
+
+    @classmethod
+    def of(cls, stats: P.BlockStats, weights: np.ndarray) -> "_Scaling":
+        s = np.where(stats.max > 0, stats.max, 1.0)
+        return cls(s=s, c=float(np.max(weights * s * s)))
+
+    def params(self, weights, l2, l1, l2_F, l1_F, group_F, dtype):
+        s, c = self.s, self.c
+        return make_params(len(s), weights=weights * s * s / c, l2=l2 * s * s / c, l1=l1 * s / c,
+                           l2_F=l2_F / c, l1_F=l1_F / c, group_F=group_F / c,
+                           data_scale=s, column_norm=1.0 / s, dtype=dtype)
+
+
+def _check_dtype(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype=float64 needs jax_enable_x64: jax.config.update('jax_enable_x64', True)")
+    return dtype
+
+
+def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
+        n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
+        unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
+        dtype=jnp.float32, check_every: int = 10, progress: bool = False) -> NMFResult:
+    """Coupled NMF of blocks X_b ~ W_b F with one shared example factor F (paper Eq. 3.1, 3.2).
+
+    Minimises J = sum_b w_b ||X_b - W_b F||^2 + l2_F ||F||^2 + sum_b l2_b ||W_b||^2
+    + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b) + 2 group_F sum_{k,g} ||F[k, g]||_2 over non-negative
+    factors by multiplicative updates (F, then every W_b), run under ``lax.scan``.
+
+    Args:
+      blocks: sequence or mapping of non-negative 2-D arrays (rows_b, N), same N. The result
+        keeps the container and names.
+      rank: d, the number of latent factors.
+      key: a ``jax.random`` key (random init, restarts, randomised SVD).
+      max_iter: iteration limit. tol: stop when J decreased by less than ``tol`` (relative) over
+        the last ``check_every`` iterations; ``tol=0`` runs exactly ``max_iter`` iterations.
+      init: "nndsvda" (NNDSVD with its zeros filled by the data mean: MU cannot move exact zeros),
+        "nndsvd", "random", or explicit ``(F0, factors0)`` in the container of ``blocks``.
+      n_restarts: restarts from ``jax.random.split(key, n_restarts)`` (random init only), run
+        together under ``vmap``; the one with the lowest final J is returned.
+      l2_F, l1_F, l2, l1: penalties (``l2``/``l1`` one number or one per block). The authors'
+        code is ``l2_F=1, l1_F=1, unit_columns=True``.
+      unit_columns: rescale every column of every W_b to unit L2 norm after each update, F
+        untouched (authors' code; J may then rise).
+      block_weights: "none" (paper), "frobenius" (w_b = 1 / ||X_b||_F^2) or explicit weights.
+      group_F, example_groups: group-sparse penalty on F; groups are the rows of F (whole factors
+        switch off) when ``example_groups`` is None, else (factor x example group) with
+        ``example_groups`` (N,) ints, e.g. the network's predicted class. The penalty only bites
+        when W is bounded (``l2 > 0`` or ``unit_columns``): otherwise F / c, c W escapes it.
+      dtype: float32 (default) or float64 (needs ``jax_enable_x64``).
+      progress: show a progress bar.
+
+    Returns:
+      ``NMFResult``.
+    """
+    bl = P.as_blocks(blocks)
+    rank = P.check_rank(rank, bl)
+    max_iter = P.check_positive_int(max_iter, "max_iter")
+    n_restarts = P.check_positive_int(n_restarts, "n_restarts")
+    check_every = P.check_positive_int(check_every, "check_every")
+    tol = P.scalar(tol, "tol")
+    dtype = _check_dtype(dtype)
+    init = P.check_init(init, bl, rank)
+    if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
+        raise ValueError("n_restarts > 1 needs init='random': NNDSVD and explicit inits are deterministic")
+    stats = P.block_stats(bl)
+    weights = P.resolve_block_weights(block_weights, bl, stats)
+    l2v, l1v = P.per_block(l2, bl, "l2"), P.per_block(l1, bl, "l1")
+    l2_F, l1_F, group_F = P.scalar(l2_F, "l2_F"), P.scalar(l1_F, "l1_F"), P.scalar(group_F, "group_F")
+    n = bl.arrays[0].shape[1]
+    groups, n_groups = P.check_groups(example_groups, n)
+    settings = dict(rank=rank, init=init if isinstance(init, str) else "explicit", l2_F=l2_F, l1_F=l1_F,
+                    l2=l2v, l1=l1v, group_F=group_F, unit_columns=bool(unit_columns), weights=weights,
+                    example_groups=groups, n_groups=n_groups, dtype=dtype)
+
+    scaling = _Scaling.of(stats, weights)
+    params = scaling.params(weights, l2v, l1v, l2_F, l1_F, group_F, dtype)
+    arrays = tuple(jnp.asarray(x, dtype) for x in bl.arrays)
+    sq_norms = jnp.asarray(stats.sq_norm / scaling.s ** 2, dtype)
+    means = stats.mean / scaling.s
+    rows = [x.shape[0] for x in arrays]
+    if isinstance(init, tuple):
+        f0, w0 = init
+        states = MUState(jnp.asarray(f0, dtype), tuple(jnp.asarray(w / s, dtype) for w, s in zip(w0, scaling.s)))
+        states = jax.tree.map(lambda a: a[None], states)
+    elif init == "random":
+        keys = jax.random.split(key, n_restarts) if n_restarts > 1 else key[None]
+        states = jax.vmap(lambda k: init_random(k, n, rows, means, rank, dtype=dtype))(keys)
+    else:
+        state = init_nndsvd(arrays, np.asarray(params.weights, np.float64), scaling.s, means, rank, key,
+                            fill_zeros=init == "nndsvda", dtype=dtype)
+        states = jax.tree.map(lambda a: a[None], state)
+    groups_j = None if groups is None else jnp.asarray(groups)
+
+    carry = _initial_carry_restarts(arrays, states, params, groups_j, n_groups=n_groups)
+    length = check_every * max(1, min(max_iter, _CHUNK) // check_every)
+    traces = []
+    with tqdm(total=max_iter, desc="coupled NMF", unit="it", disable=not progress, leave=False) as bar:
+        for start in range(0, max_iter, length):
+            carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
+                                          start, groups_j, length=length, check_every=check_every,
+                                          unit_columns=bool(unit_columns), n_groups=n_groups)
+            traces.append(np.asarray(losses, np.float64))
+            bar.update(min(length, max_iter - start))
+            bar.set_postfix(loss=float(np.min(np.asarray(carry.loss, np.float64)) * scaling.c))
+            if bool(jnp.all(carry.converged | ~carry.finite)):
+                break
+
+    final = np.asarray(objective_restarts(arrays, carry.state, params, groups_j, n_groups=n_groups), np.float64)
+    final = final * scaling.c
+    best = int(np.argmin(np.where(np.isfinite(final), final, np.inf)))
+    n_iter = int(carry.n_iter[best])
+    trace = np.concatenate([t[best] for t in traces])[:n_iter] * scaling.c
+    state = jax.tree.map(lambda a: a[best], carry.state)
+    rel = np.asarray(relative_errors(arrays, state, params.data_scale, sq_norms), np.float64)
+    return NMFResult(
+        F=state.F, loss=float(final[best]), factors=bl.rebuild([w * s for w, s in zip(state.factors, scaling.s)]),
+        losses=trace,
+        relative_errors=bl.rebuild([float(r) for r in rel]), n_iter=n_iter,
+        converged=bool(carry.converged[best]), finite=bool(carry.finite[best]), restart_losses=final,
+        block_weights=bl.rebuild([float(w) for w in weights]), settings=settings)
+
+
+def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float = 1e-5) -> jax.Array:
+    """F (rank, N_new) for new examples, the block factors of ``result`` held fixed.
+
+    Solves min_{F >= 0} J(F, W) with the weights and F-penalties of the fit, by multiplicative
+    updates of F alone (Eq. 3.2, first line); stops when ||F_t - F_{t-10}|| / ||F_{t-10}|| < tol.
+    ``new_blocks``: the same blocks (container, names, rows) as the fit, any number of columns.
+    """
+    bl = P.as_blocks(new_blocks, "new_blocks")
+    fitted = P.as_blocks(result.factors, "result.factors")
+    if bl.keys != fitted.keys:
+        raise ValueError(f"new_blocks have blocks {list(bl.keys)}, the fit had {list(fitted.keys)}")
+    for label, x, w in zip(bl.labels, bl.arrays, fitted.arrays):
+        if x.shape[0] != w.shape[0]:
+            raise ValueError(f"{label} of new_blocks has {x.shape[0]} rows, the fit had {w.shape[0]}")
+    max_iter = P.check_positive_int(max_iter, "max_iter")
+    tol = P.scalar(tol, "tol")
+    st = result.settings
+    if st["example_groups"] is not None and st["group_F"] > 0:
+        raise ValueError("transform does not support a fit with example_groups (groups of new examples are unknown)")
+    dtype = st["dtype"]
+    stats = P.block_stats(bl)
+    scaling = _Scaling.of(stats, st["weights"])
+    params = scaling.params(st["weights"], st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)
+    arrays = tuple(jnp.asarray(x, dtype) for x in bl.arrays)
+    factors = tuple(jnp.asarray(w / s, dtype) for w, s in zip(fitted.arrays, scaling.s))
+    F0 = jnp.full((st["rank"], arrays[0].shape[1]), float(jnp.mean(result.F)) or 1.0, dtype)
+    F, _ = _run_transform(arrays, F0, factors, params, jnp.asarray(tol, dtype), None,
+                          length=max_iter, check_every=10, n_groups=1)
+    return F
+
+
+def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
+              block_weights: Any = "none", group_F: float = 0.0, example_groups=None) -> jax.Array:
+    """J(F, W) of Eq. 3.1 with penalties (see ``fit``), by explicit residuals, in F's dtype.
+
+    F: (rank, N); factors: W_b (rows_b, rank) in the container of ``blocks``.
+    """
+    bl = P.as_blocks(blocks)
+    fac = P.as_blocks(factors, "factors")
+    if fac.keys != bl.keys:
+        raise ValueError(f"factors have blocks {list(fac.keys)}, blocks have {list(bl.keys)}")
+    F = jnp.asarray(F)
+    arrays = tuple(jnp.asarray(x, F.dtype) for x in bl.arrays)
+    if isinstance(block_weights, str) and block_weights == "frobenius":
+        sq = np.array([float(jnp.sum(x * x)) for x in arrays])
+        weights = np.where(sq > 0, 1.0 / np.where(sq > 0, sq, 1.0), 1.0)
+    else:
+        weights = P.resolve_block_weights(block_weights, bl, None)
+    groups, n_groups = P.check_groups(example_groups, F.shape[1])
+    params = make_params(len(arrays), weights=weights, l2=P.per_block(l2, bl, "l2"), l1=P.per_block(l1, bl, "l1"),
+                         l2_F=P.scalar(l2_F, "l2_F"), l1_F=P.scalar(l1_F, "l1_F"),
+                         group_F=P.scalar(group_F, "group_F"), dtype=F.dtype)
+    return _objective(arrays, F, tuple(jnp.asarray(w, F.dtype) for w in fac.arrays), params,
+                      None if groups is None else jnp.asarray(groups), n_groups)

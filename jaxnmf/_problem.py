@@ -1,0 +1,215 @@
+"""Boundary code shared by the JAX solver and the NumPy reference.
+
+Everything a user passes to ``fit`` is checked here, once, before any numerical work:
+the jitted core and the reference only ever see clean arrays and resolved settings.
+Errors name the block or the argument and say what is wrong.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+INITS = ("random", "nndsvd", "nndsvda")
+BLOCK_WEIGHTS = ("none", "frobenius")
+_STAT_CHUNK_BYTES = 64 << 20  # rows are scanned in chunks of about this size
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The user's blocks, flattened to a tuple, with what is needed to rebuild the container.
+
+    ``keys`` are the mapping keys (or positions for a sequence); ``labels`` are the names
+    used in messages ("block 'stage3'" or "block 2").
+    """
+
+    keys: tuple
+    arrays: tuple
+    is_mapping: bool
+    container: type
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(f"block {k!r}" if self.is_mapping else f"block {k}" for k in self.keys)
+
+    def rebuild(self, values: Sequence) -> Any:
+        """Put one value per block back into the user's container type."""
+        values = list(values)
+        if self.is_mapping:
+            return dict(zip(self.keys, values))
+        return self.container(values) if self.container in (list, tuple) else values
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """Per-block statistics computed in float64 in one pass over each block."""
+
+    max: np.ndarray  # (B,)
+    sq_norm: np.ndarray  # (B,) ||X_b||_F^2
+    mean: np.ndarray  # (B,)
+
+
+def as_blocks(blocks: Any, arg: str = "blocks") -> Blocks:
+    """Flatten a sequence or mapping of 2-D arrays; check container, rank and N."""
+    if isinstance(blocks, Mapping):
+        keys, arrays, is_mapping = tuple(blocks.keys()), tuple(blocks.values()), True
+    elif isinstance(blocks, Sequence) and not isinstance(blocks, (str, bytes)):
+        keys, arrays, is_mapping = tuple(range(len(blocks))), tuple(blocks), False
+    else:
+        raise TypeError(f"{arg} must be a sequence or a mapping of 2-D arrays, got {type(blocks).__name__}")
+    if not arrays:
+        raise ValueError(f"{arg} is empty: give at least one 2-D array")
+    out = Blocks(keys, arrays, is_mapping, type(blocks))
+    checked = []
+    for label, x in zip(out.labels, arrays):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        if len(x.shape) != 2:
+            raise ValueError(f"{label} must be 2-D (rows, N), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{label} is empty: shape {tuple(x.shape)}")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+                or x.dtype == np.bool_ or "bfloat16" in str(x.dtype)):
+            raise TypeError(f"{label} has non-numeric dtype {x.dtype}")
+        checked.append(x)
+    n = checked[0].shape[1]
+    for label, x in zip(out.labels, checked):
+        if x.shape[1] != n:
+            raise ValueError(
+                f"{label} has {x.shape[1]} columns but {out.labels[0]} has {n}: "
+                "every block needs one column per example (same N)")
+    return Blocks(keys, tuple(checked), is_mapping, type(blocks))
+
+
+def block_stats(blocks: Blocks) -> BlockStats:
+    """Check each block is finite and non-negative; return max, squared norm and mean.
+
+    Works on NumPy arrays (memory-mapped too) in row chunks, so no full-size temporary is
+    made, and on JAX arrays in place.
+    """
+    maxs, sq, means = [], [], []
+    for label, x in zip(blocks.labels, blocks.arrays):
+        rows, n = x.shape
+        step = max(1, _STAT_CHUNK_BYTES // max(1, n * 8))
+        lo, hi, s, tot = np.inf, -np.inf, 0.0, 0.0
+        for r in range(0, rows, step):
+            c = np.asarray(x[r:r + step], dtype=np.float64)
+            if not np.isfinite(c).all():
+                raise ValueError(f"{label} contains NaN or Inf")
+            lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+            s += float(np.einsum("ij,ij->", c, c))
+            tot += float(c.sum())
+        if lo < 0:
+            raise ValueError(f"{label} has negative entries (min {lo:.3g}); NMF needs non-negative data")
+        maxs.append(hi), sq.append(s), means.append(tot / (rows * n))
+    return BlockStats(np.array(maxs), np.array(sq), np.array(means))
+
+
+def per_block(value: Any, blocks: Blocks, arg: str, *, positive: bool = False) -> np.ndarray:
+    """Resolve a scalar, a sequence (one per block) or a mapping (by block key) to (B,) floats."""
+    b = len(blocks.keys)
+    if np.ndim(value) == 0 and not isinstance(value, Mapping):
+        vals = np.full(b, float(value))
+    elif isinstance(value, Mapping):
+        if set(value.keys()) != set(blocks.keys):
+            raise ValueError(f"{arg} has keys {sorted(map(repr, value))} but blocks have {sorted(map(repr, blocks.keys))}")
+        vals = np.array([float(value[k]) for k in blocks.keys])
+    else:
+        vals = np.asarray(value, dtype=np.float64).reshape(-1)
+        if vals.shape[0] != b:
+            raise ValueError(f"{arg} has {vals.shape[0]} values for {b} blocks: give one number or one per block")
+    if not np.isfinite(vals).all():
+        raise ValueError(f"{arg} must be finite, got {vals}")
+    if positive and (vals <= 0).any():
+        raise ValueError(f"{arg} must be positive, got {vals}")
+    if (vals < 0).any():
+        raise ValueError(f"{arg} must be >= 0, got {vals}")
+    return vals
+
+
+def scalar(value: Any, arg: str) -> float:
+    v = float(value)
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{arg} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def resolve_block_weights(block_weights: Any, blocks: Blocks, stats: BlockStats) -> np.ndarray:
+    """w_b of the weighted objective sum_b w_b ||X_b - W_b F||^2, shape (B,).
+
+    "none": w_b = 1 (the paper). "frobenius": w_b = 1 / ||X_b||_F^2, i.e. every block scaled
+    to unit Frobenius norm (an all-zero block gets w_b = 1: it has nothing to fit).
+    Otherwise explicit positive weights, one per block.
+    """
+    if isinstance(block_weights, str):
+        if block_weights == "none":
+            return np.ones(len(blocks.keys))
+        if block_weights == "frobenius":
+            return np.where(stats.sq_norm > 0, 1.0 / np.where(stats.sq_norm > 0, stats.sq_norm, 1.0), 1.0)
+        raise ValueError(f"block_weights must be one of {BLOCK_WEIGHTS} or explicit weights, got {block_weights!r}")
+    return per_block(block_weights, blocks, "block_weights", positive=True)
+
+
+def check_rank(rank: Any, blocks: Blocks) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    n = blocks.arrays[0].shape[1]
+    rows = sum(x.shape[0] for x in blocks.arrays)
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if rank > min(n, rows):
+        raise ValueError(
+            f"rank {rank} is larger than the data allows: min(N={n}, total rows={rows}) = {min(n, rows)}")
+    return int(rank)
+
+
+def check_init(init: Any, blocks: Blocks, rank: int) -> str | tuple[np.ndarray, list[np.ndarray]]:
+    """Return an init name, or explicit (F0 (rank, N), [W0_b (rows_b, rank)]) as float64 arrays."""
+    if isinstance(init, str):
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS} or explicit factors (F0, W0s), got {init!r}")
+        return init
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise TypeError("explicit init must be a pair (F0, factors) with factors in the same container as blocks")
+    f0, w0 = init
+    n = blocks.arrays[0].shape[1]
+    f0 = np.asarray(f0, dtype=np.float64)
+    if f0.shape != (rank, n):
+        raise ValueError(f"init F0 has shape {f0.shape}, expected (rank, N) = {(rank, n)}")
+    if isinstance(w0, Mapping):
+        if set(w0.keys()) != set(blocks.keys):
+            raise ValueError(f"init factors have keys {sorted(map(repr, w0))}, blocks have {sorted(map(repr, blocks.keys))}")
+        w0 = [w0[k] for k in blocks.keys]
+    elif len(w0) != len(blocks.keys):
+        raise ValueError(f"init has {len(w0)} block factors for {len(blocks.keys)} blocks")
+    ws = []
+    for label, x, w in zip(blocks.labels, blocks.arrays, w0):
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape != (x.shape[0], rank):
+            raise ValueError(f"init factor of {label} has shape {w.shape}, expected (rows, rank) = {(x.shape[0], rank)}")
+        ws.append(w)
+    for name, a in [("F0", f0)] + [(f"factor of {lb}", w) for lb, w in zip(blocks.labels, ws)]:
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise ValueError(f"init {name} must be finite and non-negative")
+    return f0, ws
+
+
+def check_groups(example_groups: Any, n: int) -> tuple[np.ndarray | None, int]:
+    """Example groups for the group-sparse penalty: None (groups = rows of F) or (N,) ints."""
+    if example_groups is None:
+        return None, 1
+    g = np.asarray(example_groups)
+    if g.shape != (n,) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"example_groups must be (N,) = ({n},) integers, got shape {g.shape} dtype {g.dtype}")
+    if (g < 0).any():
+        raise ValueError("example_groups must be >= 0")
+    _, inverse = np.unique(g, return_inverse=True)
+    return inverse.astype(np.int32), int(inverse.max()) + 1
+
+
+def check_positive_int(value: Any, arg: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{arg} must be an int >= {minimum}, got {value!r}")
+    return int(value)
