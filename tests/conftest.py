@@ -1,5 +1,39 @@
-"""Shared test settings: float64 available, strict rank promotion, few CPU threads."""
+"""Shared test settings (float64 available, strict rank promotion) and the CIFAR mock."""
+import contextlib
+
 import jax
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import mocking
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def unbound_getitems(*args, generator, serialized=False):
+    # tfds 4.9.10's mock sets `__getitems__` on a MagicMock instance as a plain partial, so it is
+    # called without `self`; take the keys from the last positional argument either way.
+    del serialized
+    return [generator[key] for key in args[-1]]
+
+
+@pytest.fixture
+def mock_cifar_data(monkeypatch):
+    """``with mock_cifar_data(n):`` tfds mock CIFAR (random images, n per split, no download)
+    whose CIFAR-100 coarse labels follow the real fine-to-coarse mapping."""
+    from experiments import data
+
+    def consistent(*args, generator, serialized=False):
+        records = unbound_getitems(*args, generator=generator, serialized=serialized)
+        for record in records:
+            if "coarse_label" in record:
+                record["coarse_label"] = data.CIFAR100_FINE_TO_COARSE[record["label"]]
+        return records
+
+    @contextlib.contextmanager
+    def start(num_examples):
+        monkeypatch.setattr(mocking, "_getitems", consistent)
+        with tfds.testing.mock_data(num_examples=num_examples):
+            yield
+
+    return start

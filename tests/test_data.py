@@ -5,6 +5,8 @@ import sklearn.datasets
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
+from conftest import unbound_getitems
+
 from experiments import data
 
 # ----------------------------------------------------------------------------------------------
@@ -173,27 +175,11 @@ def test_cifar100_names_and_mapping():
     assert data.CIFAR100_FINE_NAMES[0] == "apple" and data.CIFAR100_FINE_NAMES[-1] == "worm"
 
 
-def _unbound_getitems(*args, generator, serialized=False):
-    # tfds 4.9.10's mock sets `__getitems__` on a MagicMock instance as a plain partial, so it is
-    # called without `self`; take the keys from the last positional argument either way.
-    del serialized
-    return [generator[key] for key in args[-1]]
-
-
 @pytest.fixture
-def mock_cifar(monkeypatch):
+def mock_cifar(mock_cifar_data, monkeypatch):
     """tfds mock data whose CIFAR-100 coarse labels follow the real fine-to-coarse mapping."""
-
-    def consistent(*args, generator, serialized=False):
-        records = _unbound_getitems(*args, generator=generator, serialized=serialized)
-        for record in records:
-            if "coarse_label" in record:
-                record["coarse_label"] = data.CIFAR100_FINE_TO_COARSE[record["label"]]
-        return records
-
-    monkeypatch.setattr(mocking, "_getitems", consistent)
     monkeypatch.setattr(data, "_CIFAR_READ_BATCH", 7)  # several batches, the last one partial
-    with tfds.testing.mock_data(num_examples=17):
+    with mock_cifar_data(17):
         yield
 
 
@@ -216,7 +202,7 @@ def test_cifar_mock(mock_cifar, tmp_path, name, n_classes, n_super):
 
 
 def test_cifar100_mapping_disagreement_raises(monkeypatch, tmp_path):
-    monkeypatch.setattr(mocking, "_getitems", _unbound_getitems)  # random coarse labels
+    monkeypatch.setattr(mocking, "_getitems", unbound_getitems)  # random coarse labels
     with tfds.testing.mock_data(num_examples=12):
         with pytest.raises(ValueError, match="disagree with CIFAR100_FINE_TO_COARSE"):
             data.load_cifar("cifar100", "test", data_dir=str(tmp_path), progress=False)

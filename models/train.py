@@ -1,0 +1,472 @@
+"""Train a classifier with optax, reproducibly from a seed, resumable from orbax checkpoints.
+
+Two presets (`TrainConfig`):
+
+- ``TrainConfig.authors()``, the paper authors' recipe (shared/notes/method.md): SGD, learning
+  rate 0.1, momentum 0.9, weight decay 5e-4, learning rate x0.2 after epochs 30, 60 and 90,
+  100 epochs, batch 64, random crop with padding 4, horizontal flip, rotation up to 15 degrees.
+- ``TrainConfig()``, a faster default: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch
+  128, a linear warm-up to 0.1 over 2 epochs then a cosine decay to 0, 30 epochs, random crop
+  with padding 4 and horizontal flip; meant for a GPU.
+
+Weight decay is PyTorch's: ``weight_decay * param`` added to every gradient (batch-norm scales and
+biases included) before the momentum. Images are never normalised. Each epoch visits
+``N // batch_size`` batches of a fresh permutation (the remainder is left out of that epoch).
+
+Everything random derives from ``seed``: the initial variables, the permutations and the
+augmentations of each epoch (``fold_in(key, epoch)``), so a run stopped after any epoch and
+resumed from its checkpoint ends with the same variables as one that ran through.
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax import lax
+from jax.scipy import ndimage
+from tqdm.auto import tqdm
+
+from models.capture import build_model, init_variables
+
+_SCHEDULES = ("cosine", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule and augmentation of a training run (the default is the fast recipe).
+
+    Attributes:
+        epochs: length of the run; the learning-rate schedule spans all of it.
+        batch_size: training batch size.
+        learning_rate: peak (``"cosine"``) or initial (``"step"``) learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 coefficient added to the gradient (PyTorch's SGD ``weight_decay``).
+        schedule: ``"cosine"``: linear warm-up from 0 over ``warmup_epochs``, then cosine decay
+            to 0 at the end; ``"step"``: multiply by ``lr_decay_factor`` after each epoch of
+            ``lr_decay_epochs``.
+        warmup_epochs: warm-up length of the ``"cosine"`` schedule.
+        lr_decay_epochs: epochs after which the ``"step"`` schedule decays.
+        lr_decay_factor: the ``"step"`` schedule's factor.
+        crop_padding: zero padding of the random crop (0: no crop).
+        flip: random horizontal flips.
+        max_rotation: rotations uniform in +-``max_rotation`` degrees, nearest neighbour, zero
+            fill, as torchvision's ``RandomRotation`` (0: none).
+        eval_batch_size: batch size of the evaluation.
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 2
+    lr_decay_epochs: tuple[int, ...] = ()
+    lr_decay_factor: float = 0.2
+    crop_padding: int = 4
+    flip: bool = True
+    max_rotation: float = 0.0
+    eval_batch_size: int = 500
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "cosine" and not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs must lie in [0, epochs={self.epochs}), got {self.warmup_epochs}"
+            )
+        if self.crop_padding < 0 or self.max_rotation < 0:
+            raise ValueError("crop_padding and max_rotation must be non-negative")
+        object.__setattr__(self, "lr_decay_epochs", tuple(self.lr_decay_epochs))
+
+    @classmethod
+    def authors(cls) -> "TrainConfig":
+        """The recipe of the paper's authors (shared/notes/method.md)."""
+        return cls(
+            epochs=100,
+            batch_size=64,
+            learning_rate=0.1,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=5e-4,
+            schedule="step",
+            lr_decay_epochs=(30, 60, 90),
+            lr_decay_factor=0.2,
+            crop_padding=4,
+            flip=True,
+            max_rotation=15.0,
+        )
+
+
+class TrainResult(NamedTuple):
+    """What `train` returns.
+
+    Attributes:
+        variables: the final ``{"params", "batch_stats"}``.
+        test_accuracy: accuracy on the test images after the last epoch.
+        history: one dict per epoch: ``epoch`` (1-based), ``learning_rate`` (of its last step),
+            ``train_loss`` (mean cross-entropy of its batches) and ``test_accuracy``.
+    """
+
+    variables: dict
+    test_accuracy: float
+    history: tuple[dict, ...]
+
+
+class _TrainState(NamedTuple):
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def _learning_rate(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    if config.schedule == "step":
+        # Step count e * steps_per_epoch, the first of epoch e + 1, is the first to use the
+        # decayed rate, as with PyTorch's MultiStepLR stepped once per epoch.
+        return optax.piecewise_constant_schedule(
+            config.learning_rate,
+            {e * steps_per_epoch: config.lr_decay_factor for e in config.lr_decay_epochs},
+        )
+    return optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.learning_rate,
+        config.warmup_epochs * steps_per_epoch,
+        config.epochs * steps_per_epoch,
+    )
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(_learning_rate(config, steps_per_epoch), config.momentum, config.nesterov),
+    )
+
+
+def _rotate(image: jax.Array, angle: jax.Array) -> jax.Array:
+    """(H, W, C) image rotated by ``angle`` radians about its centre; nearest pixel, zero fill."""
+    h, w, _ = image.shape
+    y, x = jnp.meshgrid(
+        jnp.arange(h, dtype=jnp.float32) - (h - 1) / 2,
+        jnp.arange(w, dtype=jnp.float32) - (w - 1) / 2,
+        indexing="ij",
+    )
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    source = [cos * y - sin * x + (h - 1) / 2, sin * y + cos * x + (w - 1) / 2]
+    rotate = functools.partial(ndimage.map_coordinates, order=0, mode="constant", cval=0.0)
+    return jax.vmap(lambda channel: rotate(channel, source), in_axes=-1, out_axes=-1)(image)
+
+
+def augment(images: jax.Array, key: jax.Array, config: TrainConfig) -> jax.Array:
+    """Per image random crop with zero padding, horizontal flip and rotation: (B, H, W, C)."""
+    b, h, w, c = images.shape
+    crop_key, flip_key, rotation_key = jax.random.split(key, 3)
+    p = config.crop_padding
+    if p:
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+        corners = jax.random.randint(crop_key, (b, 3), 0, 2 * p + 1, dtype=jnp.int32)
+        corners = corners.at[:, 2].set(0)  # (top, left, channel 0)
+        images = jax.vmap(lambda image, start: lax.dynamic_slice(image, start, (h, w, c)))(
+            padded, corners
+        )
+    if config.flip:
+        flip = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
+        images = jnp.where(flip, images[:, :, ::-1, :], images)
+    if config.max_rotation:
+        limit = math.radians(config.max_rotation)
+        angles = jax.random.uniform(rotation_key, (b,), jnp.float32, -limit, limit)
+        images = jax.vmap(_rotate)(images, angles)
+    return images
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "steps_per_epoch"))
+def _train_step(state, images, labels, batch, key, *, model, config, steps_per_epoch):
+    x = augment(images[batch], key, config)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels[batch]).mean()
+        return loss, updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    tx = _optimizer(config, steps_per_epoch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return _TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), loss
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _count_correct(variables, images, labels, mask, *, model):
+    predicted = jnp.argmax(model.apply(variables, images, train=False), axis=-1)
+    return jnp.sum((predicted == labels) & mask)
+
+
+def _accuracy(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    n = len(images)
+    batch_size = min(batch_size, n)
+    pad = -n % batch_size  # the last batch is padded, so that one compilation serves all
+    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    mask = np.arange(n + pad) < n
+    correct = sum(
+        _count_correct(
+            variables,
+            images[i : i + batch_size],
+            labels[i : i + batch_size],
+            mask[i : i + batch_size],
+            model=model,
+        )
+        for i in range(0, n + pad, batch_size)
+    )
+    return float(correct) / n
+
+
+def _check_images(name: str, images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"{name} must be (N, H, W, C) images, got shape {images.shape}")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"{name} must be floats in [0, 1] or uint8, got dtype {images.dtype}")
+    if images.size and not (images.min() >= 0 and images.max() <= 1):
+        raise ValueError(
+            f"{name} must lie in [0, 1], got values in [{images.min()}, {images.max()}]"
+        )
+    return images.astype(np.float32)
+
+
+def _check_labels(name: str, labels, n_images: int, images_name: str, num_classes: int):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{name} must be a 1-d integer array, got shape {labels.shape}, dtype {labels.dtype}"
+        )
+    if len(labels) != n_images:
+        raise ValueError(f"{images_name} has {n_images} images but {name} has {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes}) (the model's num_classes), "
+            f"got values in [{labels.min()}, {labels.max()}]"
+        )
+    return labels.astype(np.int32)
+
+
+def _check_data(model, train_images, train_labels, test_images, test_labels):
+    train_images = _check_images("train_images", train_images)
+    test_images = _check_images("test_images", test_images)
+    if len(test_images) == 0:
+        raise ValueError("test_images must hold at least one image")
+    if test_images.shape[1:] != train_images.shape[1:]:
+        raise ValueError(
+            f"test_images must have the train images' (H, W, C) = {train_images.shape[1:]}, "
+            f"got {test_images.shape[1:]}"
+        )
+    k = model.num_classes
+    train_labels = _check_labels("train_labels", train_labels, len(train_images), "train_images", k)
+    test_labels = _check_labels("test_labels", test_labels, len(test_images), "test_images", k)
+    return train_images, train_labels, test_images, test_labels
+
+
+def _restore(manager: ocp.CheckpointManager, state: _TrainState, run: dict, epochs: int):
+    """The state and history of the last checkpoint, or the given state and no history."""
+    last = manager.latest_step()
+    if last is None:
+        return state, []
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(
+        last,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+    )
+    if restored.meta["run"] != run:
+        raise ValueError(
+            f"checkpoint_dir {manager.directory} holds a different run: "
+            f"{restored.meta['run']}; this one is {run}"
+        )
+    if last > epochs:
+        raise ValueError(f"checkpoint_dir holds epoch {last}, past epochs={epochs}")
+    return restored.state, restored.meta["history"]
+
+
+def train(
+    model: nn.Module,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    config: TrainConfig,
+    *,
+    seed: int,
+    checkpoint_dir: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` from scratch (or from the last checkpoint in ``checkpoint_dir``).
+
+    Args:
+        model: a network from `models.build_model` (any Linen module with ``num_classes`` whose
+            ``__call__(x, train)`` returns logits and keeps BatchNorm statistics).
+        train_images, test_images: (N, H, W, C) floats in [0, 1] or uint8 (divided by 255).
+        train_labels, test_labels: (N,) integers in [0, model.num_classes).
+        config: optimiser, schedule and augmentation.
+        seed: the seed everything random derives from.
+        checkpoint_dir: if given, the state is saved there with orbax after every epoch (the
+            last two are kept), and a run that finds a checkpoint there resumes after its epoch;
+            the checkpoint must come from a run with the same model, config, seed and data sizes.
+        epochs: stop after this epoch (default ``config.epochs``). The schedule still spans
+            ``config.epochs``, so a later call resumes and finishes the same run.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        `TrainResult` with the variables, the last test accuracy and the per-epoch history.
+    """
+    train_images, train_labels, test_images, test_labels = _check_data(
+        model, train_images, train_labels, test_images, test_labels
+    )
+    n_train = len(train_images)
+    if config.batch_size > n_train:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the {n_train} train images"
+        )
+    epochs = config.epochs if epochs is None else epochs
+    if not 1 <= epochs <= config.epochs:
+        raise ValueError(f"epochs must lie in [1, config.epochs={config.epochs}], got {epochs}")
+
+    steps_per_epoch = n_train // config.batch_size
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    variables = init_variables(model, init_key, (1, *train_images.shape[1:]))
+    tx = _optimizer(config, steps_per_epoch)
+    state = _TrainState(variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    run = {
+        "model": repr(model),
+        "config": dataclasses.asdict(config),
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": len(test_images),
+    }
+    run = json.loads(json.dumps(run))  # as it reads back from JSON (tuples become lists)
+    history: list[dict] = []
+    manager = None
+    if checkpoint_dir is not None:
+        manager = ocp.CheckpointManager(
+            os.path.abspath(checkpoint_dir),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+        )
+        state, history = _restore(manager, state, run, epochs)
+
+    learning_rate = _learning_rate(config, steps_per_epoch)
+    train_x, train_y = jnp.asarray(train_images), jnp.asarray(train_labels)
+    step = functools.partial(
+        _train_step, model=model, config=config, steps_per_epoch=steps_per_epoch
+    )
+    bar = tqdm(
+        total=epochs * steps_per_epoch,
+        initial=len(history) * steps_per_epoch,
+        desc="train",
+        disable=not progress,
+    )
+    for epoch in range(len(history) + 1, epochs + 1):
+        epoch_key = jax.random.fold_in(data_key, epoch)
+        order_key, augment_key = jax.random.split(epoch_key)
+        order = jax.random.permutation(order_key, n_train).astype(jnp.int32)
+        losses = []
+        for i in range(steps_per_epoch):
+            batch = order[i * config.batch_size : (i + 1) * config.batch_size]
+            state, loss = step(state, train_x, train_y, batch, jax.random.fold_in(augment_key, i))
+            losses.append(loss)
+            bar.update()
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        history.append(
+            {
+                "epoch": epoch,
+                "learning_rate": float(learning_rate(epoch * steps_per_epoch - 1)),
+                "train_loss": float(jnp.mean(jnp.stack(losses))),
+                "test_accuracy": _accuracy(
+                    model, variables, test_images, test_labels, config.eval_batch_size
+                ),
+            }
+        )
+        record = history[-1]
+        bar.set_postfix(
+            epoch=epoch, loss=f"{record['train_loss']:.3f}", test_acc=record["test_accuracy"]
+        )
+        if manager is not None:
+            manager.save(
+                epoch,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({"run": run, "history": list(history)}),
+                ),
+            )
+    bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return TrainResult(variables, history[-1]["test_accuracy"], tuple(history))
+
+
+_REQUIRED_METADATA = ("dataset", "test_accuracy")
+
+
+def save_model(
+    path: str | os.PathLike,
+    model_name: str,
+    model_kwargs: dict,
+    variables: dict,
+    metadata: dict,
+) -> None:
+    """Save a trained network to the directory ``path`` (overwritten if it exists).
+
+    Args:
+        path: a directory; it receives ``variables/`` (orbax) and ``model.json``.
+        model_name, model_kwargs: rebuild the network as
+            ``build_model(model_name, **model_kwargs)``, e.g. ``"resnet18"``,
+            ``{"num_classes": 10, "width": 64}``.
+        variables: its ``{"params", "batch_stats"}``.
+        metadata: JSON-serialisable; must hold ``"dataset"`` (what it was trained on) and
+            ``"test_accuracy"``; the seed, the config (``dataclasses.asdict``) and the input
+            shape are worth adding.
+    """
+    build_model(model_name, **model_kwargs)  # fails early on a bad name or kwargs
+    missing = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"metadata must hold {list(_REQUIRED_METADATA)}; missing {missing}")
+    description = json.dumps(
+        {"model_name": model_name, "model_kwargs": model_kwargs, "metadata": metadata}, indent=2
+    )  # fails early on anything that is not JSON
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(path, "variables"), variables, force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(path, "model.json"), "w") as f:
+        f.write(description)
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict, dict]:
+    """The ``(model, variables, metadata)`` that `save_model` wrote to ``path``."""
+    path = os.path.abspath(path)
+    with open(os.path.join(path, "model.json")) as f:
+        description = json.load(f)
+    model = build_model(description["model_name"], **description["model_kwargs"])
+    variables = ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
+    return model, variables, description["metadata"]

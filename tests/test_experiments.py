@@ -1,0 +1,75 @@
+"""The main job and the paper script at their smallest settings, and their refusals."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import paper, quickstart
+from experiments.pipeline import RunConfig, check_config
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One quickstart run at its smallest setting, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("quickstart")
+    quickstart.main(["--smoke", "--out", str(out)])
+    return out
+
+
+def test_quickstart_smoke_writes_a_complete_report(smoke_run):
+    tmp_path = smoke_run
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["dataset"] == "shapes" and summary["data"]["n_probe"] == 96
+    assert len(summary["factor_table"]) == 4
+    assert set(summary["attribute_auc"]) >= {"shape", "colour", "position", "size", "background"}
+    factors = np.load(tmp_path / "factors.npz")
+    assert factors["F"].shape == (4, 96)
+    assert factors["stage3"].shape[1] == 4 and factors["pixels_r"].shape == (1024, 4)
+    assert (tmp_path / "model" / "model.json").exists()
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_quickstart_reuses_a_trained_model(smoke_run, tmp_path, capsys):
+    quickstart.main(["--smoke", "--out", str(tmp_path), "--model-path", str(smoke_run / "model")])
+    printed = capsys.readouterr().out
+    assert "loaded" in printed and "training" not in printed and f"report: {tmp_path / 'report.html'}" in printed
+    a = json.loads((smoke_run / "summary.json").read_text())
+    b = json.loads((tmp_path / "summary.json").read_text())
+    assert a["fit"]["loss"] == pytest.approx(b["fit"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rank", "0"], "--rank: must be >= 1"),
+    (["--dataset", "mnist"], "--dataset: unknown dataset"),
+    (["--layers", "stage9"], "--layers: unknown layer 'stage9'"),
+    (["--variant", "mine"], "--variant: unknown variant"),
+    (["--n-probe", "5000"], "--n-probe: 5000 probe images"),
+    (["--model-path", "/nonexistent"], "--model-path: no trained model"),
+])
+def test_bad_options_are_refused_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit):
+        quickstart.main(args)
+    assert message in capsys.readouterr().err
+
+
+def test_variants_map_to_solver_options():
+    assert RunConfig(variant="authors").solver_options() == dict(
+        block_weights="none", l2_F=1.0, l1_F=1.0, l2=0.0, l1=0.0, unit_columns=True)
+    assert RunConfig(variant="paper", l2_F=0.5).solver_options()["l2_F"] == 0.5
+    assert RunConfig().solver_options()["block_weights"] == "frobenius"
+    check_config(RunConfig(layers=("stage1:avg", "softmax")))
+
+
+def test_paper_script_smoke_on_mock_cifar(tmp_path, mock_cifar_data):
+    with mock_cifar_data(120):
+        paper.main(["--smoke", "--out", str(tmp_path), "--data-dir", str(tmp_path / "tfds")])
+    for model in ("resnet18", "vgg11"):
+        summary = json.loads((tmp_path / model / "summary.json").read_text())
+        assert summary["config"]["dataset"] == "cifar100"
+        assert len(summary["data"]["class_names"]) == 100 and len(summary["data"]["superclass_names"]) == 20
+        assert all("top_superclass" in row for row in summary["factor_table"])
+    assert list(json.loads((tmp_path / "vgg11" / "summary.json").read_text())["neurons"]["layers"]) == [
+        "pool1", "pool2", "pool3", "pool4", "pool5"]
+    assert (tmp_path / "figure3_eigenvalues.png").exists()

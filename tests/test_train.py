@@ -1,0 +1,180 @@
+"""Training, checkpoints and saved models of `models.train`."""
+import dataclasses
+import functools
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+
+# The module, which the function `models.train` shadows as an attribute of the package.
+train_module = importlib.import_module("models.train")
+
+# A ResNet of two one-block stages, width 4, on 8x8 images: tiny, so that it compiles fast.
+MODEL_KWARGS = {"num_classes": 3, "width": 4, "stage_sizes": (1, 1)}
+CONFIG = models.TrainConfig(
+    epochs=3, batch_size=16, learning_rate=0.05, warmup_epochs=0, crop_padding=1, max_rotation=10.0
+)
+
+
+def colour_data(n: int, seed: int):
+    """(n, 8, 8, 3) noise in [0, 0.6) whose class (0, 1, 2) is the channel brightened by 0.4."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.uniform(0, 0.6, (n, 8, 8, 3)).astype(np.float32)
+    images[np.arange(n), :, :, labels] += 0.4
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    return (*colour_data(96, seed=0), *colour_data(40, seed=1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.build_model("resnet18", **MODEL_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def result(model, data):
+    return models.train(model, *data, CONFIG, seed=0, progress=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def logits(model, variables, images):
+    return model.apply(variables, images, train=False)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_training_lowers_the_loss(model, data, result):
+    losses = [h["train_loss"] for h in result.history]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < 0.6 * losses[0]
+    assert result.test_accuracy == result.history[-1]["test_accuracy"] > 0.9
+    # The reported accuracy is the model's, in inference mode.
+    test_images, test_labels = data[2], data[3]
+    predicted = jnp.argmax(logits(model, result.variables, test_images), axis=-1)
+    assert np.mean(np.asarray(predicted) == test_labels) == result.test_accuracy
+
+
+def test_same_seed_same_run_other_seed_other_run(model, data, result):
+    again = models.train(model, *data, CONFIG, seed=0, progress=False)
+    assert_trees_equal(again.variables, result.variables)
+    other = models.train(model, *data, CONFIG, seed=1, progress=False)
+    head = lambda r: r.variables["params"]["head"]["kernel"]
+    assert not np.array_equal(head(other), head(result))
+
+
+def test_resumed_run_equals_uninterrupted_run(model, data, result, tmp_path, monkeypatch):
+    run = functools.partial(
+        models.train, model, *data, CONFIG, checkpoint_dir=tmp_path, progress=False
+    )
+    first = run(seed=0, epochs=2)  # as if killed after epoch 2 of 3
+    assert [h["epoch"] for h in first.history] == [1, 2]
+
+    steps, step = [], train_module._train_step
+    counting_step = lambda *args, **kwargs: steps.append(1) or step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "_train_step", counting_step)
+    resumed = run(seed=0)
+    assert len(steps) == len(data[0]) // CONFIG.batch_size  # one epoch: the third
+    assert resumed.history == result.history
+    assert_trees_equal(resumed.variables, result.variables)
+
+    # A finished run is read back without training; a different run is refused.
+    done = run(seed=0)
+    assert len(steps) == len(data[0]) // CONFIG.batch_size and done.history == result.history
+    with pytest.raises(ValueError, match="different run"):
+        run(seed=1)
+
+
+def test_save_and_load_model(model, data, result, tmp_path):
+    metadata = {
+        "dataset": "colour_data",
+        "test_accuracy": result.test_accuracy,
+        "seed": 0,
+        "config": dataclasses.asdict(CONFIG),
+    }
+    save = functools.partial(models.save_model, model_name="resnet18", model_kwargs=MODEL_KWARGS)
+    save(tmp_path / "net", variables=result.variables, metadata=metadata)
+    loaded, variables, loaded_metadata = models.load_model(tmp_path / "net")
+    assert loaded == model
+    assert loaded_metadata == json.loads(json.dumps(metadata))
+    assert_trees_equal(variables, result.variables)
+    images = data[2]
+    np.testing.assert_array_equal(
+        logits(loaded, variables, images), logits(model, result.variables, images)
+    )
+    with pytest.raises(ValueError, match="test_accuracy"):
+        save(tmp_path / "x", variables=result.variables, metadata={"dataset": "colour_data"})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: (d[0][:-1], *d[1:]), "train_images has 95 images but train_labels has 96"),
+        (lambda d: (d[0][..., 0], *d[1:]), "train_images must be \\(N, H, W, C\\)"),
+        (lambda d: (*d[:3], d[3] + 1), "test_labels must lie in \\[0, 3\\)"),
+        (lambda d: (*d[:3], d[3].astype(np.float32)), "test_labels must be a 1-d integer"),
+        (lambda d: (d[0] * 255, *d[1:]), "train_images must lie in \\[0, 1\\]"),
+        (lambda d: (*d[:2], d[2][:, :4], d[3]), "test_images must have the train images'"),
+    ],
+)
+def test_bad_inputs_name_the_argument(model, data, change, message):
+    with pytest.raises(ValueError, match=message):
+        models.train(model, *change(data), CONFIG, seed=0, progress=False)
+
+
+def test_bad_epochs_and_configs(model, data):
+    with pytest.raises(ValueError, match="epochs must lie in \\[1, config.epochs=3\\]"):
+        models.train(model, *data, CONFIG, seed=0, epochs=4, progress=False)
+    with pytest.raises(ValueError, match="batch_size=128 exceeds the 96 train images"):
+        models.train(model, *data, models.TrainConfig(epochs=3), seed=0, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        models.TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        models.TrainConfig(epochs=2, warmup_epochs=2)
+
+
+def test_authors_recipe():
+    config = models.TrainConfig.authors()
+    assert (config.epochs, config.batch_size, config.momentum) == (100, 64, 0.9)
+    assert (config.nesterov, config.weight_decay, config.schedule) == (False, 5e-4, "step")
+    assert (config.crop_padding, config.flip, config.max_rotation) == (4, True, 15.0)
+    learning_rate = train_module._learning_rate(config, steps_per_epoch=10)
+    steps = [0, 299, 300, 599, 600, 899, 900, 999]  # epoch 31 starts at step 300
+    expected = [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008]
+    np.testing.assert_allclose([learning_rate(s) for s in steps], expected, rtol=1e-6)
+
+
+def test_augment():
+    images = jax.random.uniform(jax.random.key(0), (64, 6, 6, 2), jnp.float32)
+    key = jax.random.key(1)
+    plain = models.TrainConfig(crop_padding=0, flip=False)
+    augment = jax.jit(train_module.augment, static_argnums=2)
+
+    flipped = augment(images, key, dataclasses.replace(plain, flip=True))
+    same = jnp.all(flipped == images, axis=(1, 2, 3))
+    mirrored = jnp.all(flipped == images[:, :, ::-1], axis=(1, 2, 3))
+    assert jnp.all(same | mirrored) and 10 < jnp.sum(mirrored) < 54
+
+    cropped = augment(images, key, dataclasses.replace(plain, crop_padding=2))
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    windows = {(y, x) for y in range(5) for x in range(5)}
+    for image, crop in zip(padded, np.asarray(cropped)):
+        assert any(np.array_equal(image[y : y + 6, x : x + 6], crop) for y, x in windows)
+
+    quarter = train_module._rotate(images[0], jnp.float32(np.pi / 2))
+    np.testing.assert_array_equal(quarter, np.rot90(images[0], k=-1, axes=(0, 1)))
+    rotated = augment(images, key, dataclasses.replace(plain, max_rotation=15.0))
+    assert rotated.shape == images.shape and not jnp.array_equal(rotated, images)
