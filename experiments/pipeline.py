@@ -40,11 +40,11 @@ class RunConfig:
 
     dataset: str = "shapes"
     model: str = "resnet18"
-    width: int = 16
-    n_train: int = 3000  # shapes only (digits and CIFAR use their whole train split)
-    n_test: int = 1000  # shapes only
+    width: int = 8
+    n_train: int = 5000  # shapes only (digits and CIFAR use their whole train split)
+    n_test: int = 1200  # shapes only
     n_probe: int = 1000
-    epochs: int = 3
+    epochs: int = 6
     train_preset: str = "fast"  # or "authors" (shared/notes/method.md)
     batch_size: int = 128
     model_path: str | None = None  # load this trained model (models.save_model) instead of training
@@ -134,8 +134,9 @@ def trained_model(cfg: RunConfig, train: data_lib.Dataset, test: data_lib.Datase
         return model, variables, meta
     model = models.build_model(cfg.model, num_classes=len(train.class_names), width=cfg.width)
     preset = models.TrainConfig.authors() if cfg.train_preset == "authors" else models.TrainConfig()
+    # short runs (the CPU quickstart) train best without the warm-up of the fast schedule
     tc = dataclasses.replace(preset, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                             warmup_epochs=min(preset.warmup_epochs, cfg.epochs - 1))
+                             warmup_epochs=preset.warmup_epochs if cfg.epochs >= 10 else 0)
     print(f"training {cfg.model} (width {cfg.width}) on {len(train)} {cfg.dataset} images for {cfg.epochs} epochs")
     result = models.train(model, train.images, train.labels, test.images, test.labels, tc, seed=cfg.seed,
                           checkpoint_dir=out / "checkpoints")

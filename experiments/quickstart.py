@@ -16,7 +16,7 @@ import sys
 from experiments.pipeline import RunConfig, add_arguments, config_from_args, run
 
 DEFAULTS = RunConfig(
-    dataset="shapes", model="resnet18", width=16, n_train=3000, n_test=1000, n_probe=1000, epochs=3,
+    dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1200, n_probe=1000, epochs=6,
     layers=("stage1:avg", "stage2:avg", "stage3", "stage4", "pool"), rank=12, iterations=300,
     tcav=True, out="runs/quickstart")
 SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=64, rank=4, iterations=20,
