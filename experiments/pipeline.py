@@ -179,10 +179,11 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
     if cfg.tcav:
         from experiments import tcav  # imported only when asked for
         t_tcav = time.perf_counter()
-        tcav_layers = cfg.tcav_layers or (base_layers[-1],)
-        tcav_results = [tcav.tcav_scores(model, variables, test.images[idx], test.labels[idx], result.F, layer,
-                                         seed=cfg.seed) for layer in tcav_layers]
-        sections += [tcav.tcav_section(r, test.class_names) for r in tcav_results]
+        tcav_layers = cfg.tcav_layers or tuple(layer for layer in ("stage3", "stage4", "pool4", "pool5")
+                                               if layer in models.LAYERS[cfg.model])[:2]
+        scores = tcav.tcav_scores(model, variables, test.images[idx], test.labels[idx], result.F, tcav_layers,
+                                  n_concept=min(50, cfg.n_probe // 3), seed=cfg.seed)
+        sections.append(tcav.tcav_section(scores, test.class_names))
         print(f"TCAV on {', '.join(tcav_layers)}: {time.perf_counter() - t_tcav:.0f} s")
 
     config = dict(dataclasses.asdict(cfg), layers=list(layers), **{f"fit_{k}": v for k, v in options.items()},

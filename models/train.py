@@ -289,6 +289,12 @@ def _restore(manager: ocp.CheckpointManager, state: _TrainState, run: dict, epoc
     last = manager.latest_step()
     if last is None:
         return state, []
+    meta = manager.restore(last, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if meta["run"] != run:  # checked before the arrays, whose shapes may not even match
+        raise ValueError(
+            f"checkpoint_dir {manager.directory} holds a different run (use another folder or "
+            f"delete it): {meta['run']}; this one is {run}"
+        )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     restored = manager.restore(
         last,
@@ -296,11 +302,6 @@ def _restore(manager: ocp.CheckpointManager, state: _TrainState, run: dict, epoc
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
         ),
     )
-    if restored.meta["run"] != run:
-        raise ValueError(
-            f"checkpoint_dir {manager.directory} holds a different run: "
-            f"{restored.meta['run']}; this one is {run}"
-        )
     if last > epochs:
         raise ValueError(f"checkpoint_dir holds epoch {last}, past epochs={epochs}")
     return restored.state, restored.meta["history"]
