@@ -73,3 +73,15 @@ def test_paper_script_smoke_on_mock_cifar(tmp_path, mock_cifar_data):
     assert list(json.loads((tmp_path / "vgg11" / "summary.json").read_text())["neurons"]["layers"]) == [
         "pool1", "pool2", "pool3", "pool4", "pool5"]
     assert (tmp_path / "figure3_eigenvalues.png").exists()
+
+
+def test_cross_dataset_smoke_is_activations_only_and_group_sparse(tmp_path, capsys):
+    from experiments import cross_dataset
+    cross_dataset.main(["--smoke", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "factors active" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["data"]["pixel_blocks"] == []
+    assert summary["config"]["group_F"] > 0 and summary["config"]["train_restrict"]
+    F = np.load(tmp_path / "factors.npz")["F"]
+    assert F.shape == (6, 96)
