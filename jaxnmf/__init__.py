@@ -12,13 +12,14 @@ factorised jointly as X_b ~ W_b F with one shared example factor F (d x N).
 """
 from ._fit import NMFResult, fit, objective, transform
 from ._solver import MUState, Params, make_params, mu_step
+from ._hals import hals_step
 from . import analysis, reference
 from .analysis import (attribute_auc, class_weights, factor_table, latent_images, masked_top_images,
                        mean_top_eigenvalues, median_masks, nearest_neighbours, neighbour_factor_distribution,
                        neuron_similarity, similarity_eigenvalues)
 
 __all__ = [
-    "fit", "transform", "objective", "NMFResult", "mu_step", "MUState", "Params", "make_params",
+    "fit", "transform", "objective", "NMFResult", "mu_step", "hals_step", "MUState", "Params", "make_params",
     "analysis", "reference",
     "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",
     "latent_images", "median_masks", "masked_top_images", "nearest_neighbours", "neighbour_factor_distribution",

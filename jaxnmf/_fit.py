@@ -1,6 +1,7 @@
 """``fit`` and ``transform``: the user-facing coupled NMF (validation, scaling, restarts, result)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,11 +11,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import _problem as P
+from ._hals import hals_step
 from ._solver import objective as _objective
 from ._solver import (MUState, _initial_carry_restarts, objective_restarts, _run_restarts, _run_transform, init_nndsvd, init_random,
-                      make_params, relative_errors)
+                      make_params, mu_step, relative_errors)
 
 _CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
+SOLVERS = {"mu": mu_step, "hals": hals_step}
+
+
+def _check_solver(solver: Any) -> str:
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {tuple(SOLVERS)}, got {solver!r}")
+    return solver
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,8 @@ class NMFResult:
       factors: block factors W_b (rows_b, rank), in the container type of ``blocks``.
       loss: final objective J (Eq. 3.1 with penalties), from explicit residuals.
       losses: (n_iter,) float64, J after each iteration, from the products the updates form
-        (||X||^2 - 2 <W, X F^T> + <W^T W, F F^T>: about 1e-4 relative accuracy in float32).
+        (||X||^2 - 2 <W, X F^T> + <W^T W, F F^T>: about 1e-4 relative accuracy in float32, less
+        once J << sum_b w_b ||X_b||^2, as a converged HALS fit can reach).
       relative_errors: ||X_b - W_b F||_F / ||X_b||_F per block, same container.
       n_iter: iterations taken; converged: the ``tol`` test was met; finite: no step produced a
         non-finite objective (such a step is discarded and the fit stops there).
@@ -81,12 +91,14 @@ def _check_dtype(dtype) -> jnp.dtype:
 def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
-        dtype=jnp.float32, check_every: int = 10, progress: bool = False) -> NMFResult:
+        dtype=jnp.float32, check_every: int = 10, progress: bool = False, solver: str = "mu") -> NMFResult:
     """Coupled NMF of blocks X_b ~ W_b F with one shared example factor F (paper Eq. 3.1, 3.2).
 
     Minimises J = sum_b w_b ||X_b - W_b F||^2 + l2_F ||F||^2 + sum_b l2_b ||W_b||^2
     + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b) + 2 group_F sum_{k,g} ||F[k, g]||_2 over non-negative
-    factors by multiplicative updates (F, then every W_b), run under ``lax.scan``.
+    factors by multiplicative updates (``solver="mu"``, the paper's Eq. 3.2) or HALS
+    (``solver="hals"``, exact coordinate minimisation over rows of F and columns of the W_b), F
+    first, then every W_b, run under ``lax.scan``.
 
     Args:
       blocks: sequence or mapping of non-negative 2-D arrays (rows_b, N), same N. The result
@@ -95,7 +107,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
       key: a ``jax.random`` key (random init, restarts, randomised SVD).
       max_iter: iteration limit. tol: stop when J decreased by less than ``tol`` (relative) over
         the last ``check_every`` iterations; ``tol=0`` runs exactly ``max_iter`` iterations.
-      init: "nndsvda" (NNDSVD with its zeros filled by the data mean: MU cannot move exact zeros),
+      init: "nndsvda" (NNDSVD with its zeros filled by the data mean: MU cannot move exact zeros;
+        HALS can),
         "nndsvd", "random", or explicit ``(F0, factors0)`` in the container of ``blocks``.
       n_restarts: restarts from ``jax.random.split(key, n_restarts)`` (random init only), run
         together under ``vmap``; the one with the lowest final J is returned.
@@ -110,6 +123,9 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         when W is bounded (``l2 > 0`` or ``unit_columns``): otherwise F / c, c W escapes it.
       dtype: float32 (default) or float64 (needs ``jax_enable_x64``).
       progress: show a progress bar.
+      solver: "mu" (multiplicative updates, the paper) or "hals" (same objective and options,
+        usually far fewer iterations to a given J; see ``jaxnmf._hals``). Both never increase J
+        (except with ``unit_columns``).
 
     Returns:
       ``NMFResult``.
@@ -121,6 +137,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     check_every = P.check_positive_int(check_every, "check_every")
     tol = P.scalar(tol, "tol")
     dtype = _check_dtype(dtype)
+    solver = _check_solver(solver)
     init = P.check_init(init, bl, rank)
     if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
         raise ValueError("n_restarts > 1 needs init='random': NNDSVD and explicit inits are deterministic")
@@ -132,7 +149,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     groups, n_groups = P.check_groups(example_groups, n)
     settings = dict(rank=rank, init=init if isinstance(init, str) else "explicit", l2_F=l2_F, l1_F=l1_F,
                     l2=l2v, l1=l1v, group_F=group_F, unit_columns=bool(unit_columns), weights=weights,
-                    example_groups=groups, n_groups=n_groups, dtype=dtype)
+                    example_groups=groups, n_groups=n_groups, dtype=dtype, solver=solver)
 
     scaling = _Scaling.of(stats, weights)
     params = scaling.params(weights, l2v, l1v, l2_F, l1_F, group_F, dtype)
@@ -154,13 +171,16 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     groups_j = None if groups is None else jnp.asarray(groups)
 
     carry = _initial_carry_restarts(arrays, states, params, groups_j, n_groups=n_groups)
-    length = check_every * max(1, min(max_iter, _CHUNK) // check_every)
+    # chunks of about _CHUNK iterations, a multiple of check_every, that waste little past max_iter
+    n_chunks = math.ceil(max_iter / _CHUNK)
+    length = check_every * math.ceil(max_iter / (n_chunks * check_every))
     traces = []
     with tqdm(total=max_iter, desc="coupled NMF", unit="it", disable=not progress, leave=False) as bar:
         for start in range(0, max_iter, length):
             carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
                                           start, groups_j, length=length, check_every=check_every,
-                                          unit_columns=bool(unit_columns), n_groups=n_groups)
+                                          unit_columns=bool(unit_columns), n_groups=n_groups,
+                                          step_fn=SOLVERS[solver], exact_checks=tol > 0)
             traces.append(np.asarray(losses, np.float64))
             bar.update(min(length, max_iter - start))
             bar.set_postfix(loss=float(np.min(np.asarray(carry.loss, np.float64)) * scaling.c))

@@ -151,23 +151,22 @@ def mu_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_sq
 
 
 def _residual_sq(x: jax.Array, w: jax.Array, F: jax.Array, data_scale: jax.Array) -> jax.Array:
-    """||X / data_scale - W F||_F^2 over column tiles, so no (rows, N) temporary is formed."""
+    """||X / data_scale - W F||_F^2 over tiles of contiguous rows, so no (rows, N) temporary is formed."""
     rows, n = x.shape
-    tile = int(max(1, min(n, (32 << 20) // (4 * rows))))
-    n_full = n // tile
+    tile = int(max(1, min(rows, (32 << 20) // (4 * n))))
+    n_full = rows // tile
 
-    def tile_sq(x_t, F_t):
-        r = x_t.astype(F.dtype) / data_scale - _dot(w, F_t)
+    def tile_sq(x_t, w_t):
+        r = x_t.astype(F.dtype) / data_scale - _dot(w_t, F)
         return jnp.sum(r * r)
 
     def body(i, acc):
         start = i * tile
-        return acc + tile_sq(lax.dynamic_slice_in_dim(x, start, tile, axis=1),
-                             lax.dynamic_slice_in_dim(F, start, tile, axis=1))
+        return acc + tile_sq(lax.dynamic_slice_in_dim(x, start, tile), lax.dynamic_slice_in_dim(w, start, tile))
 
     total = lax.fori_loop(0, n_full, body, jnp.zeros((), F.dtype))
-    if n_full * tile < n:
-        total = total + tile_sq(x[:, n_full * tile:], F[:, n_full * tile:])
+    if n_full * tile < rows:
+        total = total + tile_sq(x[n_full * tile:], w[n_full * tile:])
     return total
 
 
@@ -194,19 +193,23 @@ def _initial_carry(blocks, state, params, groups, n_groups):
 
 
 def _run(blocks, carry: _Carry, params, sq_norms, tol, max_iter, start, groups, *,
-         length: int, check_every: int, unit_columns: bool, n_groups: int):
-    """``length`` (a multiple of ``check_every``) MU iterations under ``lax.scan``.
+         length: int, check_every: int, unit_columns: bool, n_groups: int, step_fn=mu_step,
+         exact_checks: bool = True):
+    """``length`` (a multiple of ``check_every``) iterations of ``step_fn`` under ``lax.scan``.
+
+    ``step_fn``: ``mu_step`` or any step with its signature and contract (``_hals.hals_step``).
 
     Iterations past ``max_iter``, after convergence or after a non-finite step leave the carry
     unchanged. Every ``check_every`` iterations J is evaluated from explicit residuals (the
     per-step J, from the updates' products, loses digits to cancellation in float32) and the fit
     has converged when it decreased by less than ``tol`` relative to the previous check.
+    ``exact_checks=False`` (for ``tol = 0``) skips those evaluations.
     Returns (carry, per-iteration J of shape (length,)).
     """
 
     def step(c: _Carry, t):
         active = (~c.converged) & c.finite & (t < max_iter)
-        state, loss = mu_step(blocks, c.state, params, sq_norms, unit_columns=unit_columns,
+        state, loss = step_fn(blocks, c.state, params, sq_norms, unit_columns=unit_columns,
                               groups=groups, n_groups=n_groups)
         ok = jnp.isfinite(loss)
         take = active & ok
@@ -218,6 +221,8 @@ def _run(blocks, carry: _Carry, params, sq_norms, tol, max_iter, start, groups, 
     def check(c: _Carry, ts):
         n_before = c.n_iter
         c, losses = lax.scan(step, c, ts)
+        if not exact_checks:
+            return c, losses
         exact = objective(blocks, c.state.F, c.state.factors, params, groups, n_groups)
         due = (c.n_iter > n_before) & (c.n_iter % check_every == 0)
         rel = jnp.where(c.check_loss > 0, (c.check_loss - exact) / jnp.where(c.check_loss > 0, c.check_loss, 1), 0)
@@ -229,12 +234,14 @@ def _run(blocks, carry: _Carry, params, sq_norms, tol, max_iter, start, groups, 
     return carry, losses.reshape(length)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "check_every", "unit_columns", "n_groups"))
+@functools.partial(jax.jit, static_argnames=("length", "check_every", "unit_columns", "n_groups", "step_fn",
+                                             "exact_checks"))
 def _run_restarts(blocks, carry, params, sq_norms, tol, max_iter, start, groups, *, length, check_every,
-                  unit_columns, n_groups):
-    """``_run`` under ``vmap`` over restarts (the leading axis of ``carry``); data shared."""
+                  unit_columns, n_groups, step_fn=mu_step, exact_checks=True):
+    """``_run`` under ``vmap`` over restarts (the leading axis of ``carry``); data shared.
+    ``step_fn`` (static): the step, ``mu_step`` or ``_hals.hals_step``."""
     run = functools.partial(_run, length=length, check_every=check_every, unit_columns=unit_columns,
-                            n_groups=n_groups)
+                            n_groups=n_groups, step_fn=step_fn, exact_checks=exact_checks)
     return jax.vmap(run, in_axes=(None, 0) + (None,) * 6)(blocks, carry, params, sq_norms, tol, max_iter, start,
                                                           groups)
 

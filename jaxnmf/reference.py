@@ -9,6 +9,9 @@ scaling), one block at a time, with the objective evaluated from explicit residu
 
     F   <- F   * (sum_b w_b W_b^T X_b) / (sum_b w_b W_b^T W_b F + l2_F F + l1_F + group_F F / ||F[k, g]||)
     W_b <- W_b * (w_b X_b F^T) / (w_b W_b F F^T + l2_b W_b + l1_b)
+
+HALS (``solver="hals"``; maths in ``jaxnmf._hals``): exact minimisation of J over one row of F,
+then one column of one W_b, at a time (``hals_update_F``, ``hals_update_W``, ``hals_step``).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from . import _problem as P
-from ._fit import NMFResult
+from ._fit import NMFResult, _check_solver
+from ._hals import SWEEPS
 
 
 def _seed(key: Any) -> int:
@@ -71,6 +75,71 @@ def mu_step(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=None, uni
     return F, Ws
 
 
+def hals_update_F(X, F, Ws, weights, l2_F, l1_F, group_F=0.0, groups=None, sweeps=SWEEPS):
+    """``sweeps`` HALS sweeps over the rows of F (d, N), W_b (rows_b, d) fixed; rows k = 0..d-1 in turn.
+
+    Row k is replaced by the exact minimiser of J over it, the other rows fixed at their latest
+    values:  a = G_kk + l2_F,  u = (R_k - sum_{j != k} G_kj F_j - l1_F) / a,
+    F_k[g] = max(0, u[g]) * max(0, 1 - group_F / (a ||max(0, u[g])||)) for every example group g
+    (the whole row when ``groups`` is None), with G = sum_b w_b W_b^T W_b, R = sum_b w_b W_b^T X_b.
+    If a = 0 the row is set to 0 when l1_F or group_F > 0, else left as it is.
+    """
+    tiny = np.finfo(F.dtype).tiny
+    d = F.shape[0]
+    G = sum(wb * (w.T @ w) for w, wb in zip(Ws, weights))
+    R = sum(wb * (w.T @ x) for x, w, wb in zip(X, Ws, weights))
+    labels = np.zeros(F.shape[1], int) if groups is None else groups
+    F = F.copy()
+    for k in list(range(d)) * sweeps:
+        others = np.arange(d) != k
+        a = G[k, k] + l2_F
+        if a < tiny:
+            if l1_F > 0 or group_F > 0:
+                F[k] = 0.0
+            continue
+        u = np.maximum((R[k] - G[k, others] @ F[others] - l1_F) / a, 0.0)
+        if group_F > 0:
+            for g in np.unique(labels):
+                members = labels == g
+                norm = np.linalg.norm(u[members])
+                u[members] = u[members] * (1.0 - group_F / a / norm) if norm > group_F / a else 0.0
+        F[k] = u
+    return F
+
+
+def hals_update_W(x, w, F, weight, l2_b, l1_b, unit_columns=False, sweeps=SWEEPS):
+    """``sweeps`` HALS sweeps over the columns of W_b (rows_b, d), F (d, N) fixed; columns k = 0..d-1.
+
+    Column k: a = w_b (F F^T)_kk + l2_b,
+    W_k = max(0, (w_b ((X F^T)_k - sum_{j != k} W_j (F F^T)_jk) - l1_b) / a); if a = 0 it is set to
+    0 when l1_b > 0, else left. With ``unit_columns`` every column is rescaled to unit norm after the
+    last sweep.
+    """
+    tiny = np.finfo(F.dtype).tiny
+    d = F.shape[0]
+    xft, fft = x @ F.T, F @ F.T
+    w = w.copy()
+    for k in list(range(d)) * sweeps:
+        others = np.arange(d) != k
+        a = weight * fft[k, k] + l2_b
+        if a < tiny:
+            if l1_b > 0:
+                w[:, k] = 0.0
+            continue
+        w[:, k] = np.maximum((weight * (xft[:, k] - w[:, others] @ fft[others, k]) - l1_b) / a, 0.0)
+    if unit_columns:
+        w = w / np.maximum(np.linalg.norm(w, axis=0, keepdims=True), tiny)
+    return w
+
+
+def hals_step(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=None, unit_columns=False, sweeps=SWEEPS):
+    """One coupled HALS step: ``sweeps`` sweeps over the rows of F, then as many over the columns of
+    every W_b with the new F. Returns (F, Ws)."""
+    F = hals_update_F(X, F, Ws, weights, l2_F, l1_F, group_F, groups, sweeps)
+    Ws = [hals_update_W(x, w, F, wb, a2, a1, unit_columns, sweeps) for x, w, wb, a2, a1 in zip(X, Ws, weights, l2, l1)]
+    return F, Ws
+
+
 def objective_value(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=None) -> float:
     """J in float64 from explicit residuals."""
     F = F.astype(np.float64)
@@ -121,8 +190,10 @@ def init_random(rng, X, rank):
 def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
-        dtype=np.float32, check_every: int = 10, progress: bool = False) -> NMFResult:
+        dtype=np.float32, check_every: int = 10, progress: bool = False, solver: str = "mu") -> NMFResult:
     """Same signature and result as ``jaxnmf.fit``; ``key`` may be an int seed or a jax key.
+
+    ``solver``: "mu" (``mu_step``) or "hals" (``hals_step``).
 
     Restarts run one after another; restart i uses ``numpy.random.default_rng((seed, i))``.
     ``progress`` is accepted for compatibility and ignored.
@@ -134,6 +205,8 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     check_every = P.check_positive_int(check_every, "check_every")
     tol = P.scalar(tol, "tol")
     dtype = np.dtype(dtype)
+    solver = _check_solver(solver)
+    step = hals_step if solver == "hals" else mu_step
     init = P.check_init(init, bl, rank)
     if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
         raise ValueError("n_restarts > 1 needs init='random': NNDSVD and explicit inits are deterministic")
@@ -157,7 +230,7 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
         losses, converged = [], False
         last_check = objective_value(X, F, Ws, **reg)
         for it in range(1, max_iter + 1):
-            F, Ws = mu_step(X, F, Ws, unit_columns=unit_columns, **reg)
+            F, Ws = step(X, F, Ws, unit_columns=unit_columns, **reg)
             losses.append(objective_value(X, F, Ws, **reg))
             if it % check_every == 0:
                 decrease = (last_check - losses[-1]) / last_check if last_check > 0 else 0.0
@@ -172,7 +245,7 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     rel = [np.linalg.norm(x - w @ F) / np.linalg.norm(x) if np.any(x) else np.linalg.norm(w @ F) for x, w in zip(X, Ws)]
     settings = dict(rank=rank, init=init if isinstance(init, str) else "explicit", l2_F=l2_F, l1_F=l1_F, l2=l2v,
                     l1=l1v, group_F=group_F, unit_columns=bool(unit_columns), weights=weights,
-                    example_groups=groups, n_groups=n_groups, dtype=dtype)
+                    example_groups=groups, n_groups=n_groups, dtype=dtype, solver=solver)
     return NMFResult(F=F, loss=float(losses[-1]), factors=bl.rebuild(Ws), losses=losses, relative_errors=bl.rebuild([float(r) for r in rel]),
                      n_iter=len(losses), converged=converged, finite=bool(np.isfinite(losses).all()),
                      restart_losses=final, block_weights=bl.rebuild([float(w) for w in weights]), settings=settings)
