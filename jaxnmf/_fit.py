@@ -13,17 +13,11 @@ from tqdm.auto import tqdm
 from . import _problem as P
 from ._hals import hals_step
 from ._solver import objective as _objective
-from ._solver import (MUState, _initial_carry_restarts, objective_restarts, _run_restarts, _run_transform, init_nndsvd, init_random,
-                      make_params, mu_step, relative_errors)
+from ._solver import (MUState, _initial_carry_restarts, _run_restarts, _run_transform, init_nndsvd, init_random,
+                      make_params, mu_step, objective_restarts, relative_errors)
 
 _CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
-SOLVERS = {"mu": mu_step, "hals": hals_step}
-
-
-def _check_solver(solver: Any) -> str:
-    if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {tuple(SOLVERS)}, got {solver!r}")
-    return solver
+_STEPS = {"mu": mu_step, "hals": hals_step}
 
 
 @dataclass(frozen=True)
@@ -130,29 +124,18 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     Returns:
       ``NMFResult``.
     """
-    bl = P.as_blocks(blocks)
-    rank = P.check_rank(rank, bl)
-    max_iter = P.check_positive_int(max_iter, "max_iter")
-    n_restarts = P.check_positive_int(n_restarts, "n_restarts")
-    check_every = P.check_positive_int(check_every, "check_every")
-    tol = P.scalar(tol, "tol")
+    bl, stats, st = P.check_fit(blocks, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
+                                l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
+                                block_weights=block_weights, group_F=group_F, example_groups=example_groups,
+                                check_every=check_every, solver=solver)
     dtype = _check_dtype(dtype)
-    solver = _check_solver(solver)
-    init = P.check_init(init, bl, rank)
-    if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
-        raise ValueError("n_restarts > 1 needs init='random': NNDSVD and explicit inits are deterministic")
-    stats = P.block_stats(bl)
-    weights = P.resolve_block_weights(block_weights, bl, stats)
-    l2v, l1v = P.per_block(l2, bl, "l2"), P.per_block(l1, bl, "l1")
-    l2_F, l1_F, group_F = P.scalar(l2_F, "l2_F"), P.scalar(l1_F, "l1_F"), P.scalar(group_F, "group_F")
-    n = bl.arrays[0].shape[1]
-    groups, n_groups = P.check_groups(example_groups, n)
-    settings = dict(rank=rank, init=init if isinstance(init, str) else "explicit", l2_F=l2_F, l1_F=l1_F,
-                    l2=l2v, l1=l1v, group_F=group_F, unit_columns=bool(unit_columns), weights=weights,
-                    example_groups=groups, n_groups=n_groups, dtype=dtype, solver=solver)
+    rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
+        "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
+    weights, groups, n_groups, n = st["weights"], st["example_groups"], st["n_groups"], bl.arrays[0].shape[1]
+    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype)
 
     scaling = _Scaling.of(stats, weights)
-    params = scaling.params(weights, l2v, l1v, l2_F, l1_F, group_F, dtype)
+    params = scaling.params(weights, st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)
     arrays = tuple(jnp.asarray(x, dtype) for x in bl.arrays)
     sq_norms = jnp.asarray(stats.sq_norm / scaling.s ** 2, dtype)
     means = stats.mean / scaling.s
@@ -179,8 +162,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         for start in range(0, max_iter, length):
             carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
                                           start, groups_j, length=length, check_every=check_every,
-                                          unit_columns=bool(unit_columns), n_groups=n_groups,
-                                          step_fn=SOLVERS[solver], exact_checks=tol > 0)
+                                          unit_columns=st["unit_columns"], n_groups=n_groups,
+                                          step_fn=_STEPS[st['solver']], exact_checks=tol > 0)
             traces.append(np.asarray(losses, np.float64))
             bar.update(min(length, max_iter - start))
             bar.set_postfix(loss=float(np.min(np.asarray(carry.loss, np.float64)) * scaling.c))

@@ -213,3 +213,36 @@ def check_positive_int(value: Any, arg: str, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{arg} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+SOLVERS = ("mu", "hals")
+
+
+def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_restarts: Any, l2_F: Any, l2: Any,
+              l1_F: Any, l1: Any, unit_columns: Any, block_weights: Any, group_F: Any, example_groups: Any,
+              check_every: Any, solver: Any) -> tuple[Blocks, BlockStats, dict]:
+    """Check every ``fit`` argument (shared by ``jaxnmf.fit`` and ``jaxnmf.reference.fit``).
+
+    Returns the flattened blocks, their statistics and the resolved settings: rank, max_iter,
+    n_restarts, check_every, tol, solver, init (a name or explicit (F0, [W0_b])), weights (B,),
+    l2 (B,), l1 (B,), l2_F, l1_F, group_F, example_groups ((N,) ints or None), n_groups,
+    unit_columns.
+    """
+    bl = as_blocks(blocks)
+    rank = check_rank(rank, bl)
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    init = check_init(init, bl, rank)
+    n_restarts = check_positive_int(n_restarts, "n_restarts")
+    if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
+        raise ValueError("n_restarts > 1 needs init='random': NNDSVD and explicit inits are deterministic")
+    groups, n_groups = check_groups(example_groups, bl.arrays[0].shape[1])
+    settings = dict(
+        rank=rank, max_iter=check_positive_int(max_iter, "max_iter"), n_restarts=n_restarts,
+        check_every=check_positive_int(check_every, "check_every"), tol=scalar(tol, "tol"), solver=solver,
+        init=init, l2=per_block(l2, bl, "l2"), l1=per_block(l1, bl, "l1"), l2_F=scalar(l2_F, "l2_F"),
+        l1_F=scalar(l1_F, "l1_F"), group_F=scalar(group_F, "group_F"), example_groups=groups, n_groups=n_groups,
+        unit_columns=bool(unit_columns))
+    stats = block_stats(bl)
+    settings["weights"] = resolve_block_weights(block_weights, bl, stats)
+    return bl, stats, settings

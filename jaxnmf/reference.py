@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _problem as P
-from ._fit import NMFResult, _check_solver
+from ._fit import NMFResult
 from ._hals import SWEEPS
 
 
@@ -198,25 +198,17 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     Restarts run one after another; restart i uses ``numpy.random.default_rng((seed, i))``.
     ``progress`` is accepted for compatibility and ignored.
     """
-    bl = P.as_blocks(blocks)
-    rank = P.check_rank(rank, bl)
-    max_iter = P.check_positive_int(max_iter, "max_iter")
-    n_restarts = P.check_positive_int(n_restarts, "n_restarts")
-    check_every = P.check_positive_int(check_every, "check_every")
-    tol = P.scalar(tol, "tol")
+    bl, _, st = P.check_fit(blocks, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
+                            l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
+                            block_weights=block_weights, group_F=group_F, example_groups=example_groups,
+                            check_every=check_every, solver=solver)
     dtype = np.dtype(dtype)
-    solver = _check_solver(solver)
-    step = hals_step if solver == "hals" else mu_step
-    init = P.check_init(init, bl, rank)
-    if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
-        raise ValueError("n_restarts > 1 needs init='random': NNDSVD and explicit inits are deterministic")
-    stats = P.block_stats(bl)
-    weights = P.resolve_block_weights(block_weights, bl, stats)
-    l2v, l1v = P.per_block(l2, bl, "l2"), P.per_block(l1, bl, "l1")
-    l2_F, l1_F, group_F = P.scalar(l2_F, "l2_F"), P.scalar(l1_F, "l1_F"), P.scalar(group_F, "group_F")
-    groups, n_groups = P.check_groups(example_groups, bl.arrays[0].shape[1])
+    rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
+        "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
+    step = hals_step if st["solver"] == "hals" else mu_step
     X = [np.asarray(x, dtype) for x in bl.arrays]
-    reg = dict(weights=weights, l2=l2v, l1=l1v, l2_F=l2_F, l1_F=l1_F, group_F=group_F, groups=groups)
+    reg = {k: st[k] for k in ("weights", "l2", "l1", "l2_F", "l1_F", "group_F")} | {"groups": st["example_groups"]}
+    unit_columns = st["unit_columns"]
 
     runs = []
     for restart in range(n_restarts):
@@ -225,7 +217,7 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
         elif init == "random":
             F, Ws = init_random(np.random.default_rng((_seed(key), restart)), X, rank)
         else:
-            F, Ws = init_nndsvd(X, weights, rank, fill_zeros=init == "nndsvda")
+            F, Ws = init_nndsvd(X, st["weights"], rank, fill_zeros=init == "nndsvda")
         F, Ws = F.astype(dtype), [w.astype(dtype) for w in Ws]
         losses, converged = [], False
         last_check = objective_value(X, F, Ws, **reg)
@@ -243,12 +235,11 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     final = np.array([r[2][-1] for r in runs])
     F, Ws, losses, converged = runs[int(np.argmin(final))]
     rel = [np.linalg.norm(x - w @ F) / np.linalg.norm(x) if np.any(x) else np.linalg.norm(w @ F) for x, w in zip(X, Ws)]
-    settings = dict(rank=rank, init=init if isinstance(init, str) else "explicit", l2_F=l2_F, l1_F=l1_F, l2=l2v,
-                    l1=l1v, group_F=group_F, unit_columns=bool(unit_columns), weights=weights,
-                    example_groups=groups, n_groups=n_groups, dtype=dtype, solver=solver)
-    return NMFResult(F=F, loss=float(losses[-1]), factors=bl.rebuild(Ws), losses=losses, relative_errors=bl.rebuild([float(r) for r in rel]),
-                     n_iter=len(losses), converged=converged, finite=bool(np.isfinite(losses).all()),
-                     restart_losses=final, block_weights=bl.rebuild([float(w) for w in weights]), settings=settings)
+    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype)
+    return NMFResult(F=F, loss=float(losses[-1]), factors=bl.rebuild(Ws), losses=losses,
+                     relative_errors=bl.rebuild([float(r) for r in rel]), n_iter=len(losses), converged=converged,
+                     finite=bool(np.isfinite(losses).all()), restart_losses=final,
+                     block_weights=bl.rebuild([float(w) for w in st["weights"]]), settings=settings)
 
 
 def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float = 1e-5) -> np.ndarray:

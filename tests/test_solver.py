@@ -1,6 +1,5 @@
 """The coupled NMF solver against the NumPy reference, closed-form facts and bad input."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
