@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import models
-from models import resnet, vgg
+from models import vgg
 
 # Output (H, W, C) of each stage at full width for 32x32 inputs (kuangliu/pytorch-cifar).
 RESNET_STAGES = {1: (32, 32, 64), 2: (16, 16, 128), 3: (8, 8, 256), 4: (4, 4, 512)}

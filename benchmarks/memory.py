@@ -1,0 +1,74 @@
+"""Peak memory of one fit, measured in a fresh process so that nothing else in the run counts.
+
+The child imports everything and starts the JAX backend, takes its resident memory then as the
+baseline, builds the case's data in NumPy (in place, no temporary of the data's size), runs the
+solver from NumPy input, and reports the process's peak resident memory (``ru_maxrss``). The
+figure compared with the target is (peak - baseline) / size of the data: the data itself counts
+1.0, compilation and every temporary count on top.
+
+    python -m benchmarks.memory CASE SOLVER RANK ITERS   # prints one JSON line
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+
+SOLVERS = ("jaxnmf MU", "jaxnmf HALS", "NumPy reference MU", "scikit-learn MU")
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process so far, bytes (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _child(case_name: str, solver: str, rank: int, iters: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import psutil
+
+    import jaxnmf
+    from jaxnmf import reference
+
+    from . import solvers
+    from .cases import CASES, init_factors, make_blocks
+
+    jax.block_until_ready(jnp.ones(8) * 2)  # start the backend before the baseline
+    case = CASES[case_name]
+    if solver == "scikit-learn MU":  # one block: scikit-learn has no coupled NMF
+        case = dataclasses.replace(case, blocks=tuple(b for b in case.blocks if b[0] == case.single_block))
+    baseline = psutil.Process().memory_info().rss
+    blocks = make_blocks(case)
+    after_data = psutil.Process().memory_info().rss
+    F0, W0 = init_factors(blocks, rank)
+    X = list(blocks.values())
+    if solver.startswith("jaxnmf"):
+        result = jaxnmf.fit(X, rank, key=jax.random.key(0), init=(F0, W0), max_iter=iters, tol=0,
+                            **({"solver": "hals"} if solver == "jaxnmf HALS" else {}))
+        jax.block_until_ready(result.F)
+    elif solver == "NumPy reference MU":
+        reference.fit(X, rank, key=0, init=(F0, W0), max_iter=iters, tol=0)
+    else:
+        solvers.sklearn_mu(X[0], F0, W0[0], iters)()
+    peak = _peak_rss()
+    stats = jax.devices()[0].memory_stats() or {}
+    return dict(solver=solver, data_bytes=case.nbytes, baseline_bytes=baseline, after_data_bytes=after_data,
+                peak_bytes=peak, ratio=(peak - baseline) / case.nbytes,
+                device_peak_bytes=stats.get("peak_bytes_in_use"))
+
+
+def measure(case_name: str, solver: str, rank: int, iters: int) -> dict:
+    """Run the child for one solver; its JSON result, or the error it ended with."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", case_name, solver, str(rank), str(iters)],
+                          capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        return dict(solver=solver, error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    name, which, rank_arg, iters_arg = sys.argv[1:5]
+    print(json.dumps(_child(name, which, int(rank_arg), int(iters_arg))))
