@@ -203,6 +203,8 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
     blocks = build_blocks(probe.images[idx], capture, layers, out_dir=out / "blocks")
     if not cfg.pixels:
         blocks = {name: x for name, x in blocks.items() if not name.startswith("pixels")}
+    for name in list(blocks):  # onto the device one block at a time: the data is never held twice
+        blocks[name] = jax.device_put(blocks[name])
     pixel_blocks = [name for name in blocks if name.startswith("pixels")]
     predicted = np.concatenate([np.argmax(np.asarray(capture(probe.images[idx[i:i + 256]])["softmax"]), axis=1)
                                 for i in range(0, len(idx), 256)])

@@ -96,7 +96,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
 
     Args:
       blocks: sequence or mapping of non-negative 2-D arrays (rows_b, N), same N. The result
-        keeps the container and names.
+        keeps the container and names. JAX arrays of ``dtype`` are used as they are; NumPy
+        arrays are copied to the device (on a CPU too: JAX does not alias NumPy memory).
       rank: d, the number of latent factors.
       key: a ``jax.random`` key (random init, restarts, randomised SVD).
       max_iter: iteration limit. tol: stop when J decreased by less than ``tol`` (relative) over
