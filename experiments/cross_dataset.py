@@ -16,11 +16,10 @@ shapes it never saw?
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
-from experiments.pipeline import RunConfig, add_arguments, config_from_args, run
+from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli
 
 DEFAULTS = RunConfig(
     dataset="shapes", probe_dataset="shapes", train_restrict="shape=circle,square,triangle;colour=red,green,blue",
@@ -33,11 +32,8 @@ SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.cross_dataset", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, DEFAULTS)
+    parser = parser_for("python -m experiments.cross_dataset", __doc__, DEFAULTS)
     parser.add_argument("--cifar", action="store_true", help="CIFAR-10 network probed with CIFAR-100")
-    parser.add_argument("--smoke", action="store_true", help="smallest setting, for tests")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.cifar:
@@ -45,15 +41,11 @@ def main(argv=None) -> None:
                                           if getattr(cfg, k) == getattr(DEFAULTS, k)})
     if args.smoke:
         cfg = dataclasses.replace(cfg, **SMOKE)
-    try:
-        report = run(cfg, extra_notes=[
-            "Cross-dataset study: activations only, group-sparse F "
-            f"(group_F = {cfg.group_F}, groups = {cfg.example_groups}); network trained on {cfg.dataset}"
-            + (f" restricted to {cfg.train_restrict}" if cfg.train_restrict else "")
-            + f", probed with {cfg.probe_dataset or cfg.dataset}."])
-    except ValueError as err:
-        parser.error(str(err))
-    print(f"report: {report}")
+    run_cli(parser, cfg, extra_notes=[
+        "Cross-dataset study: activations only, group-sparse F "
+        f"(group_F = {cfg.group_F}, groups = {cfg.example_groups}); network trained on {cfg.dataset}"
+        + (f" restricted to {cfg.train_restrict}" if cfg.train_restrict else "")
+        + f", probed with {cfg.probe_dataset or cfg.dataset}."])
 
 
 if __name__ == "__main__":

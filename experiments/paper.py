@@ -12,7 +12,6 @@ top-K eigenvalues of every layer's neuron similarity for both (Figure 3; K = 3 f
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -23,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from experiments.pipeline import RunConfig, add_arguments, config_from_args, run  # noqa: E402
+from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli  # noqa: E402
 
 DEFAULTS = RunConfig(dataset="cifar100", model="resnet18", width=64, n_probe=10_000, epochs=30, batch_size=128,
                      rank=20, iterations=500, variant="project", out="runs/paper")
@@ -44,11 +43,8 @@ def eigenvalue_figure(summaries: dict[str, dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, DEFAULTS)
+    parser = parser_for("python -m experiments.paper", __doc__, DEFAULTS)
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"], choices=["resnet18", "vgg11"])
-    parser.add_argument("--smoke", action="store_true", help="tiny setting for tests")
     args = parser.parse_args(argv)
     base = config_from_args(args)
     if args.smoke:
@@ -57,14 +53,10 @@ def main(argv=None) -> None:
         parser.error("--model-path: give one model with --models when loading a trained one")
     out = Path(base.out)
     summaries = {}
-    try:
-        for name in args.models:
-            cfg = dataclasses.replace(base, model=name, out=str(out / name), layers=base.layers if base.layers else None)
-            report = run(cfg)
-            print(f"{name} report: {report}")
-            summaries[name] = json.loads((Path(cfg.out) / "summary.json").read_text())
-    except ValueError as err:
-        parser.error(str(err))
+    for name in args.models:
+        cfg = dataclasses.replace(base, model=name, out=str(out / name))
+        run_cli(parser, cfg)
+        summaries[name] = json.loads((Path(cfg.out) / "summary.json").read_text())
     if len(summaries) > 1:
         eigenvalue_figure(summaries, out / "figure3_eigenvalues.png")
         print(f"figure 3: {out / 'figure3_eigenvalues.png'}")

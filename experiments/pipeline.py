@@ -271,3 +271,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for name in ("layers", "tcav_layers"):
         values[name] = tuple(values[name]) if values[name] else None
     return RunConfig(**values)
+
+
+def parser_for(prog: str, doc: str, defaults: RunConfig) -> argparse.ArgumentParser:
+    """The command line of an experiment script: every ``RunConfig`` option plus ``--smoke``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, defaults)
+    parser.add_argument("--smoke", action="store_true", help="smallest setting, for tests")
+    return parser
+
+
+def run_cli(parser: argparse.ArgumentParser, cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
+    """``run(cfg)``, turning a refused option into the parser's usage error; prints the report path."""
+    try:
+        report = run(cfg, extra_notes=extra_notes)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"report: {report}")
+    return report
+

@@ -9,11 +9,10 @@ smallest setting (seconds; used by the tests). Every option: ``--help``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
-from experiments.pipeline import RunConfig, add_arguments, config_from_args, run
+from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli
 
 DEFAULTS = RunConfig(
     dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1200, n_probe=1000, epochs=6,
@@ -24,19 +23,10 @@ SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, DEFAULTS)
-    parser.add_argument("--smoke", action="store_true", help="smallest setting, for tests")
+    parser = parser_for("python -m experiments.quickstart", __doc__, DEFAULTS)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    if args.smoke:
-        cfg = dataclasses.replace(cfg, **SMOKE)
-    try:
-        report = run(cfg)
-    except ValueError as err:
-        parser.error(str(err))
-    print(f"report: {report}")
+    run_cli(parser, dataclasses.replace(cfg, **SMOKE) if args.smoke else cfg)
 
 
 if __name__ == "__main__":
