@@ -89,32 +89,33 @@ def restarts(blocks_dev: dict, blocks_host: dict, rank: int, n_restarts: int, it
                 step_ratio=step_vmap / (n_restarts * step_single))
 
 
-def fit_trace(blocks_dev: dict, init: tuple, solver: str, iters: int, repeats: int, budget: float,
+def fit_trace(blocks_dev: dict, init: tuple, solver: str, iters: int, repeats: int,
               alongside: dict | None = None) -> dict:
-    """Objective against time of one ``jaxnmf.fit`` call of ``iters`` iterations (tol=0).
+    """Objective against time of ``jaxnmf.fit`` for ``iters`` (>= 2 FIT_CHUNK) iterations, tol=0.
 
-    The objective is the fit's own per-iteration trace (``.losses``). The time of iteration i is
-    fixed + i * per_iter, the line through the median times of calls of FIT_CHUNK and ``iters``
-    iterations (``repeats`` rounds within ``budget`` seconds, at least one), after a warm-up call
-    that compiles the program both share. ``alongside``: other calls (one iteration of another
-    solver, the GEMM floor) timed in the same rounds, so that the fit's seconds per iteration
-    can be compared with them under the same load.
+    The objective is the per-iteration trace (``.losses``) of one call of ``iters`` iterations.
+    The time axis is t_i = fixed + i * per_iter, the line through the median times of calls of
+    FIT_CHUNK and 2 FIT_CHUNK iterations (``repeats`` rounds), after a warm-up call that compiles
+    the program all these calls share. ``alongside``: other calls (one iteration of another
+    solver, the GEMM floor) timed in the same rounds, so that the fit's seconds per iteration is
+    compared with them under the same load.
     """
     dev, rank = list(blocks_dev.values()), init[0].shape[0]
     calls = {"short": solvers.jaxnmf_fit(dev, rank, FIT_CHUNK, solver=solver, init=init),
-             "long": solvers.jaxnmf_fit(dev, rank, iters, solver=solver, init=init)}
-    calls.update(alongside or {})
+             "double": solvers.jaxnmf_fit(dev, rank, 2 * FIT_CHUNK, solver=solver, init=init), **(alongside or {})}
     for name in ["short", *(alongside or {})]:
         timed(calls[name])  # compile
-    samples, outputs = round_robin(calls, repeats, budget=budget, warmup=False)
-    t_short, t_long = median(samples.pop("short")), median(samples.pop("long"))
-    per_iter, fixed = marginal(t_short, FIT_CHUNK, t_long, iters)
-    result = outputs["long"]
+    samples, outputs = round_robin(calls, repeats, warmup=False)
+    t_short, t_double = median(samples.pop("short")), median(samples.pop("double"))
+    per_iter, fixed = marginal(t_short, FIT_CHUNK, t_double, 2 * FIT_CHUNK)
+    if iters == 2 * FIT_CHUNK:
+        t_full, result = t_double, outputs["double"]
+    else:
+        t_full, result = timed(solvers.jaxnmf_fit(dev, rank, iters, solver=solver, init=init))
     losses = [float(v) for v in np.asarray(result.losses)]
     return dict(iterations=list(range(1, len(losses) + 1)), times=[fixed + i * per_iter for i in range(1, len(losses) + 1)],
-                objective=losses, seconds_per_iter=per_iter, fixed_seconds=fixed, short_seconds=t_short,
-                long_seconds=t_long, final_objective=float(result.loss),
-                alongside={name: median(v) for name, v in samples.items()})
+                objective=losses, seconds_per_iter=per_iter, fixed_seconds=fixed, full_call_seconds=t_full,
+                final_objective=float(result.loss), alongside={name: median(v) for name, v in samples.items()})
 
 
 def reference_trace(blocks_dev: dict, blocks_host: dict, init: tuple, budget: float) -> dict:
@@ -162,16 +163,11 @@ def sklearn_trace(block_dev: jax.Array, block_host: np.ndarray, init: tuple, n_i
 
 
 def hals_target(mu: dict, hals: dict) -> dict:
-    """Time for HALS to reach the objective MU has after its last iteration, against MU's time.
-
-    MU's time is its measured call; HALS's time that of its first iteration at or below the
-    target on its time axis. When HALS never gets there, its whole call is a lower bound."""
-    target, t_mu = mu["objective"][-1], mu["long_seconds"]
+    """Time for HALS to reach the objective MU has after its last iteration, against MU's time,
+    both on their fit's time axis (``fit_trace``). When HALS never gets there, its time for all
+    its iterations is a lower bound."""
+    target, t_mu = mu["objective"][-1], mu["times"][-1]
     reached = [i for i, j in enumerate(hals["objective"]) if j <= target]
-    if reached:
-        i = reached[0]
-        return dict(target_objective=target, mu_iterations=len(mu["objective"]), mu_seconds=t_mu, reached=True,
-                    hals_iterations=hals["iterations"][i], hals_seconds=hals["times"][i], ratio=hals["times"][i] / t_mu)
-    return dict(target_objective=target, mu_iterations=len(mu["objective"]), mu_seconds=t_mu, reached=False,
-                hals_iterations=len(hals["objective"]), hals_seconds=hals["long_seconds"],
-                ratio=hals["long_seconds"] / t_mu)
+    i = reached[0] if reached else -1
+    return dict(target_objective=target, mu_iterations=len(mu["objective"]), mu_seconds=t_mu, reached=bool(reached),
+                hals_iterations=hals["iterations"][i], hals_seconds=hals["times"][i], ratio=hals["times"][i] / t_mu)

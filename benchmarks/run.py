@@ -37,11 +37,12 @@ class Settings:
 
     ranks: tuple[int, ...]
     repeats: int  # timed repeats of every step (the median is reported)
+    fit_repeats: int  # rounds of the timed whole fits (objective against time, restarts)
     trace_rank: int  # rank of the objective-against-time runs, restarts and memory
     mu_iters: int  # MU iterations of the coupled objective-against-time run (HALS's target)
     single_iters: int  # jaxnmf iterations of the single-block objective-against-time run
     budget_s: float  # most seconds for the NumPy reference and scikit-learn in those runs, and for
-    #                  repeating whole-fit timings (at least one round is always run)
+    #                  repeating the restarts' whole fits (at least one round is always run)
     restart_iters: int  # iterations of each fit in the restarts comparison
     memory_solvers: tuple[str, ...] = memory.SOLVERS
     memory_iters: int = 10
@@ -49,13 +50,14 @@ class Settings:
     n_restarts: int = 8
 
 
-QUICK = Settings(ranks=(10,), repeats=3, trace_rank=10, mu_iters=100, single_iters=100, budget_s=5.0,
-                 restart_iters=50, sklearn_iters=4)
-DEFAULT = Settings(ranks=(10, 20, 50), repeats=5, trace_rank=20, mu_iters=500, single_iters=100, budget_s=120.0,
-                   restart_iters=10)
+QUICK = Settings(ranks=(10,), repeats=3, fit_repeats=3, trace_rank=10, mu_iters=100, single_iters=100,
+                 budget_s=5.0, restart_iters=50, sklearn_iters=4)
+DEFAULT = Settings(ranks=(10, 20, 50), repeats=5, fit_repeats=3, trace_rank=20, mu_iters=500, single_iters=100,
+                   budget_s=120.0, restart_iters=10)
 # ResNet-18 stages, ~5 GB: fewer repeats and iterations, and no NumPy-reference or scikit-learn
 # memory runs (their float64 objective temporaries would exceed this machine's memory).
-LARGE = dataclasses.replace(DEFAULT, repeats=3, mu_iters=100, memory_solvers=("jaxnmf MU", "jaxnmf HALS"))
+LARGE = dataclasses.replace(DEFAULT, repeats=3, fit_repeats=1, mu_iters=100,
+                            memory_solvers=("jaxnmf MU", "jaxnmf HALS"))
 
 
 _START = time.perf_counter()
@@ -95,26 +97,26 @@ def machine_info() -> dict:
 def traces(dev: dict, host: dict, case: Case, settings: Settings, sklearn_timing: dict | None) -> dict:
     """Objective against time of every solver, coupled and on the single block, at the trace rank.
 
-    The NumPy reference and scikit-learn get the wall time jaxnmf MU took (at most budget_s)."""
+    The NumPy reference and scikit-learn get the time jaxnmf MU took (at most budget_s)."""
     rank, hals = settings.trace_rank, solvers.hals_available()
     hals_iters = max(2 * measure.FIT_CHUNK, settings.mu_iters // 2)
     init = init_factors(host, rank)
-    repeats, budget = settings.repeats, settings.budget_s
+    repeats, budget = settings.fit_repeats, settings.budget_s
     alongside = {"NumPy reference MU": solvers.reference_step(list(host.values()), *init),
                  "GEMM floor (JAX)": solvers.floor_jax(list(dev.values()), *init)}
-    coupled = {"jaxnmf MU": measure.fit_trace(dev, init, "mu", settings.mu_iters, repeats, budget, alongside)}
+    coupled = {"jaxnmf MU": measure.fit_trace(dev, init, "mu", settings.mu_iters, repeats, alongside)}
     if hals:
-        coupled["jaxnmf HALS"] = measure.fit_trace(dev, init, "hals", hals_iters, repeats, budget)
+        coupled["jaxnmf HALS"] = measure.fit_trace(dev, init, "hals", hals_iters, repeats)
     coupled["NumPy reference MU"] = measure.reference_trace(dev, host, init,
-                                                            min(coupled["jaxnmf MU"]["long_seconds"], budget))
+                                                            min(coupled["jaxnmf MU"]["times"][-1], budget))
 
     name = case.single_block
     sdev, shost = {name: dev[name]}, {name: host[name]}
     sinit = init_factors(shost, rank)
-    single = {"jaxnmf MU": measure.fit_trace(sdev, sinit, "mu", settings.single_iters, repeats, budget)}
+    single = {"jaxnmf MU": measure.fit_trace(sdev, sinit, "mu", settings.single_iters, repeats)}
     if hals:
-        single["jaxnmf HALS"] = measure.fit_trace(sdev, sinit, "hals", settings.single_iters, repeats, budget)
-    same_time = min(single["jaxnmf MU"]["long_seconds"], budget)
+        single["jaxnmf HALS"] = measure.fit_trace(sdev, sinit, "hals", settings.single_iters, repeats)
+    same_time = min(single["jaxnmf MU"]["times"][-1], budget)
     single["NumPy reference MU"] = measure.reference_trace(sdev, shost, sinit, same_time)
     if sklearn_timing:
         per_iter, fixed = sklearn_timing["seconds"], sklearn_timing["fixed_seconds"]
@@ -156,7 +158,7 @@ def run_case(case: Case, settings: Settings, sections: set[str]) -> dict:
     if "restarts" in sections:
         log(f"{case.name}: {settings.n_restarts} restarts, d={settings.trace_rank}")
         out["restarts"] = measure.restarts(dev, host, settings.trace_rank, settings.n_restarts,
-                                           settings.restart_iters, settings.repeats, settings.budget_s)
+                                           settings.restart_iters, settings.fit_repeats, settings.budget_s)
     if "traces" in sections:
         log(f"{case.name}: objective against time, d={settings.trace_rank}")
         sk = out.get("single", {}).get("per_rank", {}).get(settings.trace_rank, {}).get("scikit-learn MU")
