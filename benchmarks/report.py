@@ -215,6 +215,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cases = [(name, c["traces"]) for name, c in results["cases"].items() if "traces" in c]
     if not cases:
@@ -234,6 +235,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 ax.plot([h["hals_seconds"]], [h["target_objective"]], "k*", markersize=12, label="HALS reaches it")
             ax.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="objective J",
                    title=f"{name}, {problem}, d={traces['rank']}")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
