@@ -10,7 +10,7 @@ factorised jointly as X_b ~ W_b F with one shared example factor F (d x N).
     >>> res.F.shape, res.factors["layer"].shape
     ((5, 100), (32, 5))
 """
-from ._fit import NMFResult, fit, objective, transform
+from ._fit import NMFResult, aligned_empty, fit, objective, transform
 from ._solver import MUState, Params, make_params, mu_step
 from ._hals import hals_step
 from . import analysis, reference
@@ -19,7 +19,7 @@ from .analysis import (attribute_auc, class_weights, factor_table, latent_images
                        neuron_similarity, similarity_eigenvalues)
 
 __all__ = [
-    "fit", "transform", "objective", "NMFResult", "mu_step", "hals_step", "MUState", "Params", "make_params",
+    "fit", "transform", "objective", "NMFResult", "aligned_empty", "mu_step", "hals_step", "MUState", "Params", "make_params",
     "analysis", "reference",
     "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",
     "latent_images", "median_masks", "masked_top_images", "nearest_neighbours", "neighbour_factor_distribution",

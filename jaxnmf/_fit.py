@@ -82,6 +82,37 @@ def _check_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+_ALIGNMENT = 64  # bytes: JAX's CPU backend uses a NumPy buffer in place when it is aligned to this
+
+
+def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised NumPy array that ``fit`` uses in place, without a copy, on a CPU backend.
+
+    JAX aliases host memory aligned to 64 bytes instead of copying it; NumPy's own allocations are
+    usually only 16-byte aligned. Fill the array, then pass it (in the fit's dtype) to ``fit``: the
+    data is then held once, not twice.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % _ALIGNMENT
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(x, dtype) -> jax.Array:
+    """A block as a JAX array of ``dtype`` on the default device, copied at most once: a JAX array
+    of that dtype as it is, an aligned NumPy array of that dtype aliased on a CPU backend, any
+    other NumPy array converted straight into an aligned buffer (so the conversion is the copy)."""
+    if isinstance(x, jax.Array):
+        return x.astype(dtype)
+    x = np.asarray(x)
+    if x.dtype != dtype or x.ctypes.data % _ALIGNMENT:
+        converted = aligned_empty(x.shape, dtype)
+        np.copyto(converted, x, casting="unsafe")
+        x = converted
+    return jax.device_put(x)
+
+
 def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
@@ -96,8 +127,9 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
 
     Args:
       blocks: sequence or mapping of non-negative 2-D arrays (rows_b, N), same N. The result
-        keeps the container and names. JAX arrays of ``dtype`` are used as they are; NumPy
-        arrays are copied to the device (on a CPU too: JAX does not alias NumPy memory).
+        keeps the container and names. JAX arrays of ``dtype`` are used as they are, and so are
+        NumPy arrays of ``dtype`` from ``aligned_empty`` on a CPU backend; any other array is
+        copied to the device once.
       rank: d, the number of latent factors.
       key: a ``jax.random`` key (random init, restarts, randomised SVD).
       max_iter: iteration limit. tol: stop when J decreased by less than ``tol`` (relative) over
@@ -125,11 +157,12 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     Returns:
       ``NMFResult``.
     """
-    bl, stats, st = P.check_fit(blocks, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
+    dtype = _check_dtype(dtype)
+    given = P.as_blocks(blocks)
+    bl, stats, st = P.check_fit(given.rebuild([_to_device(x, dtype) for x in given.arrays]), rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
                                 l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                                 block_weights=block_weights, group_F=group_F, example_groups=example_groups,
                                 check_every=check_every, solver=solver)
-    dtype = _check_dtype(dtype)
     rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
         "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
     weights, groups, n_groups, n = st["weights"], st["example_groups"], st["n_groups"], bl.arrays[0].shape[1]
@@ -137,7 +170,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
 
     scaling = _Scaling.of(stats, weights)
     params = scaling.params(weights, st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)
-    arrays = tuple(jnp.asarray(x, dtype) for x in bl.arrays)
+    arrays = bl.arrays
     sq_norms = jnp.asarray(stats.sq_norm / scaling.s ** 2, dtype)
     means = stats.mean / scaling.s
     rows = [x.shape[0] for x in arrays]
@@ -206,10 +239,11 @@ def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float 
     if st["example_groups"] is not None and st["group_F"] > 0:
         raise ValueError("transform does not support a fit with example_groups (groups of new examples are unknown)")
     dtype = st["dtype"]
+    bl = P.as_blocks(bl.rebuild([_to_device(x, dtype) for x in bl.arrays]), "new_blocks")
     stats = P.block_stats(bl)
     scaling = _Scaling.of(stats, st["weights"])
     params = scaling.params(st["weights"], st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)
-    arrays = tuple(jnp.asarray(x, dtype) for x in bl.arrays)
+    arrays = bl.arrays
     factors = tuple(jnp.asarray(w / s, dtype) for w, s in zip(fitted.arrays, scaling.s))
     F0 = jnp.full((st["rank"], arrays[0].shape[1]), float(jnp.mean(result.F)) or 1.0, dtype)
     F, _ = _run_transform(arrays, F0, factors, params, jnp.asarray(tol, dtype), None,

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 INITS = ("random", "nndsvd", "nndsvda")
@@ -83,27 +85,56 @@ def as_blocks(blocks: Any, arg: str = "blocks") -> Blocks:
     return Blocks(keys, tuple(checked), is_mapping, type(blocks))
 
 
+def _numpy_stats(x: np.ndarray, label: str) -> tuple[float, float, float, float]:
+    """(min, max, sum of squares, sum) of a NumPy array in float64, in row chunks of about
+    ``_STAT_CHUNK_BYTES`` so that no full-size temporary is made (memory-mapped arrays too)."""
+    rows, n = x.shape
+    step = max(1, _STAT_CHUNK_BYTES // max(1, n * 8))
+    lo, hi, sq, tot = np.inf, -np.inf, 0.0, 0.0
+    for r in range(0, rows, step):
+        c = np.asarray(x[r:r + step], dtype=np.float64)
+        if not np.isfinite(c).all():
+            raise ValueError(f"{label} contains NaN or Inf")
+        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+        sq += float(np.einsum("ij,ij->", c, c))
+        tot += float(c.sum())
+    return lo, hi, sq, tot
+
+
+@jax.jit
+def _device_row_stats(x: jax.Array):
+    """Two fused passes over a JAX array on its device: (all finite, min, max, per-row sums of
+    (x / max)^2 (rows,), per-row sums of x / max (rows,)), in float32 or wider. Dividing by the
+    largest entry keeps the squares of any finite data in range (1e-30 squared underflows float32)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    hi = x.max()
+    y = x / jnp.where(hi > 0, hi, 1)
+    return jnp.isfinite(x).all(), x.min(), hi, jnp.sum(y * y, axis=1), jnp.sum(y, axis=1)
+
+
+def _device_stats(x: jax.Array, label: str) -> tuple[float, float, float, float]:
+    """(min, max, sum of squares, sum) of a JAX array without moving it to the host: row sums on
+    the device in the array's precision (float32 at least), their totals in float64 here."""
+    finite, lo, hi, sq, tot = jax.device_get(_device_row_stats(x))
+    if not finite:
+        raise ValueError(f"{label} contains NaN or Inf")
+    scale = float(hi) if hi > 0 else 1.0
+    return (float(lo), float(hi), float(np.sum(sq, dtype=np.float64)) * scale ** 2,
+            float(np.sum(tot, dtype=np.float64)) * scale)
+
+
 def block_stats(blocks: Blocks) -> BlockStats:
     """Check each block is finite and non-negative; return max, squared norm and mean.
 
-    Works on NumPy arrays (memory-mapped too) in row chunks, so no full-size temporary is
-    made, and on JAX arrays in place.
+    NumPy arrays (memory-mapped too) are read in float64 row chunks; JAX arrays are reduced on
+    their device in one pass (rows in float32 or the array's wider dtype, the totals in float64).
     """
     maxs, sq, means = [], [], []
     for label, x in zip(blocks.labels, blocks.arrays):
-        rows, n = x.shape
-        step = max(1, _STAT_CHUNK_BYTES // max(1, n * 8))
-        lo, hi, s, tot = np.inf, -np.inf, 0.0, 0.0
-        for r in range(0, rows, step):
-            c = np.asarray(x[r:r + step], dtype=np.float64)
-            if not np.isfinite(c).all():
-                raise ValueError(f"{label} contains NaN or Inf")
-            lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
-            s += float(np.einsum("ij,ij->", c, c))
-            tot += float(c.sum())
+        lo, hi, s, tot = (_device_stats if isinstance(x, jax.Array) else _numpy_stats)(x, label)
         if lo < 0:
             raise ValueError(f"{label} has negative entries (min {lo:.3g}); NMF needs non-negative data")
-        maxs.append(hi), sq.append(s), means.append(tot / (rows * n))
+        maxs.append(hi), sq.append(s), means.append(tot / (x.shape[0] * x.shape[1]))
     return BlockStats(np.array(maxs), np.array(sq), np.array(means))
 
 

@@ -231,3 +231,23 @@ def test_transform_refuses_blocks_that_do_not_match_the_fit():
         jaxnmf.transform(res, {**blocks, "b1": np.ones((7, 120))})
     with pytest.raises(ValueError, match="new_blocks have blocks"):
         jaxnmf.transform(res, {"b0": blocks["b0"]})
+
+
+def test_aligned_numpy_input_is_used_in_place_on_cpu_and_other_input_is_converted_once():
+    from jaxnmf._fit import _to_device
+    x = jaxnmf.aligned_empty((30, 50), np.float32)
+    x[:] = np.random.default_rng(0).random((30, 50))
+    on_device = _to_device(x, np.float32)
+    if jax.default_backend() == "cpu":
+        assert on_device.unsafe_buffer_pointer() == x.ctypes.data
+    raw = np.empty(30 * 50 * 4 + 64, np.uint8)
+    start = 4 + (-raw.ctypes.data % 64)  # 4 bytes past a 64-byte boundary
+    unaligned = raw[start:start + 30 * 50 * 4].view(np.float32).reshape(30, 50)
+    unaligned[:] = x
+    for other in (unaligned, x.astype(np.float64), x.tolist(), jax.numpy.asarray(x, np.float64)):
+        converted = _to_device(other, np.float32)
+        assert converted.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(converted), x)
+    res_aligned = jaxnmf.fit([x], 3, key=KEY, max_iter=20)
+    res_copy = jaxnmf.fit([np.array(x)], 3, key=KEY, max_iter=20)
+    np.testing.assert_array_equal(np.asarray(res_aligned.F), np.asarray(res_copy.F))
