@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from . import _problem as P
 from ._hals import hals_step
+from ._one_pass import OnePassStep, with_statistics
 from ._solver import objective as _objective
-from ._solver import (MUState, _initial_carry_restarts, _run_restarts, _run_transform, init_nndsvd, init_random,
+from ._solver import (MUState, NarrowBlock, pack_narrow, _initial_carry_restarts, _run_restarts, _run_transform, init_nndsvd, init_random,
                       make_params, mu_step, objective_restarts, relative_errors)
 
 _CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
@@ -99,24 +100,47 @@ def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def _to_device(x, dtype) -> jax.Array:
-    """A block as a JAX array of ``dtype`` on the default device, copied at most once: a JAX array
-    of that dtype as it is, an aligned NumPy array of that dtype aliased on a CPU backend, any
-    other NumPy array converted straight into an aligned buffer (so the conversion is the copy)."""
+_pack_narrow = jax.jit(pack_narrow, static_argnums=1)
+
+
+def _to_device(x, dtype):
+    """A block on the default device, held in ``dtype``, copied at most once: a JAX array of that
+    dtype as it is, an aligned NumPy array of that dtype aliased on a CPU backend, any other NumPy
+    array converted straight into an aligned buffer (so the conversion is the copy). A 16-bit
+    ``dtype`` gives a ``NarrowBlock``."""
+    narrow = jnp.dtype(dtype).itemsize == 2
     if isinstance(x, jax.Array):
-        return x.astype(dtype)
+        return _pack_narrow(x, jnp.dtype(dtype)) if narrow else x.astype(dtype)
     x = np.asarray(x)
     if x.dtype != dtype or x.ctypes.data % _ALIGNMENT:
         converted = aligned_empty(x.shape, dtype)
         np.copyto(converted, x, casting="unsafe")
         x = converted
+    if narrow:
+        return NarrowBlock(jax.device_put(x.view(np.uint16)), jnp.dtype(dtype))
     return jax.device_put(x)
+
+
+def _check_block_dtype(block_dtype, dtype) -> jnp.dtype:
+    if block_dtype is None:
+        return dtype
+    block_dtype = jnp.dtype(block_dtype)
+    if block_dtype not in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64) or block_dtype.itemsize > dtype.itemsize:
+        raise ValueError(f"block_dtype must be a floating dtype no wider than dtype={dtype} "
+                         f"(bfloat16, float16, float32), got {block_dtype}")
+    return block_dtype
+
+
+@jax.jit
+def _with_statistics_restarts(blocks, states, params):
+    return jax.vmap(with_statistics, in_axes=(None, 0, None))(blocks, states, params)
 
 
 def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
-        dtype=jnp.float32, check_every: int = 10, progress: bool = False, solver: str = "mu") -> NMFResult:
+        dtype=jnp.float32, check_every: int = 10, progress: bool = False, solver: str = "mu",
+        one_pass: bool | None = None, block_dtype=None) -> NMFResult:
     """Coupled NMF of blocks X_b ~ W_b F with one shared example factor F (paper Eq. 3.1, 3.2).
 
     Minimises J = sum_b w_b ||X_b - W_b F||^2 + l2_F ||F||^2 + sum_b l2_b ||W_b||^2
@@ -148,7 +172,15 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         switch off) when ``example_groups`` is None, else (factor x example group) with
         ``example_groups`` (N,) ints, e.g. the network's predicted class. The penalty only bites
         when W is bounded (``l2 > 0`` or ``unit_columns``): otherwise F / c, c W escapes it.
-      dtype: float32 (default) or float64 (needs ``jax_enable_x64``).
+      dtype: float32 (default) or float64 (needs ``jax_enable_x64``): the factors and all arithmetic.
+      block_dtype: the dtype the blocks are held in on the device, ``dtype`` when None;
+        ``jnp.bfloat16`` halves the data's memory (and traffic) for 3 significant digits per
+        entry: the fit is then exactly that of the rounded data, computed in ``dtype``. Needs
+        ``one_pass``.
+      one_pass: read the data once per iteration instead of twice (``jaxnmf._one_pass``): the
+        same iterates up to rounding. None: on for a 16-bit ``block_dtype`` (each tile is then
+        converted in cache, never a whole block), off otherwise (on this project's 2-core CPU it
+        is no faster; see benchmarks/README.md).
       progress: show a progress bar.
       solver: "mu" (multiplicative updates, the paper) or "hals" (same objective and options,
         usually far fewer iterations to a given J; see ``jaxnmf._hals``). Both never increase J
@@ -158,15 +190,22 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
       ``NMFResult``.
     """
     dtype = _check_dtype(dtype)
+    block_dtype = _check_block_dtype(block_dtype, dtype)
+    if one_pass is None:
+        one_pass = block_dtype.itemsize == 2
+    elif block_dtype.itemsize == 2 and not one_pass:
+        raise ValueError(f"block_dtype={block_dtype} needs one_pass: the two-pass step would convert whole blocks "
+                         "to dtype at every iteration")
     given = P.as_blocks(blocks)
-    bl, stats, st = P.check_fit(given.rebuild([_to_device(x, dtype) for x in given.arrays]), rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
+    bl, stats, st = P.check_fit(given.rebuild([_to_device(x, block_dtype) for x in given.arrays]), rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
                                 l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                                 block_weights=block_weights, group_F=group_F, example_groups=example_groups,
                                 check_every=check_every, solver=solver)
     rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
         "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
     weights, groups, n_groups, n = st["weights"], st["example_groups"], st["n_groups"], bl.arrays[0].shape[1]
-    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype)
+    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype, block_dtype=block_dtype,
+                    one_pass=bool(one_pass))
 
     scaling = _Scaling.of(stats, weights)
     params = scaling.params(weights, st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)
@@ -187,6 +226,9 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         states = jax.tree.map(lambda a: a[None], state)
     groups_j = None if groups is None else jnp.asarray(groups)
 
+    step_fn = OnePassStep(st["solver"]) if one_pass else _STEPS[st["solver"]]
+    if one_pass:
+        states = _with_statistics_restarts(arrays, states, params)
     carry = _initial_carry_restarts(arrays, states, params, groups_j, n_groups=n_groups)
     # chunks of about _CHUNK iterations, a multiple of check_every, that waste little past max_iter
     n_chunks = math.ceil(max_iter / _CHUNK)
@@ -197,7 +239,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
             carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
                                           start, groups_j, length=length, check_every=check_every,
                                           unit_columns=st["unit_columns"], n_groups=n_groups,
-                                          step_fn=_STEPS[st['solver']], exact_checks=tol > 0)
+                                          step_fn=step_fn, exact_checks=tol > 0)
             traces.append(np.asarray(losses, np.float64))
             bar.update(min(length, max_iter - start))
             bar.set_postfix(loss=float(np.min(np.asarray(carry.loss, np.float64)) * scaling.c))

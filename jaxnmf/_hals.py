@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._solver import MUState, Params, _dot, _penalties
+from ._solver import MUState, Params, _dot, _penalties, factor_statistics
 
 SWEEPS = 4  # sweeps over F's rows (W's columns) per pass over the data: see "Inner sweeps" above
 
@@ -140,13 +140,22 @@ def hals_update_F(blocks: Sequence[jax.Array], F: jax.Array, factors: Sequence[j
     G = sum_b w_b W_b^T W_b and R = sum_b w_b W_b^T X_b / s_b (one pass over the data), then the
     exact row minimisers with l2_F, l1_F and the group-lasso threshold group_F / (G_kk + l2_F).
     """
-    R = jnp.zeros_like(F)
-    G = jnp.zeros((F.shape[0], F.shape[0]), F.dtype)
-    for b, (x, w) in enumerate(zip(blocks, factors)):
-        R = R + (params.weights[b] / params.data_scale[b]) * _dot(w.T, x.astype(F.dtype))
-        G = G + params.weights[b] * _dot(w.T, w)
+    R, G = factor_statistics(blocks, factors, params, F.dtype)
+    return hals_update_F_from(F, R, G, params, groups, n_groups, sweeps=sweeps)
+
+
+def hals_update_F_from(F: jax.Array, R: jax.Array, G: jax.Array, params: Params, groups: jax.Array | None = None,
+                       n_groups: int = 1, *, sweeps: int = SWEEPS) -> jax.Array:
+    """Step 1 given R = sum_b w_b W_b^T X_b / s_b (d, N) and G = sum_b w_b W_b^T W_b (d, d)."""
     return _rows_sweep(F, G, R, params.l2_F, params.l1_F, group=params.group_F, groups=groups, n_groups=n_groups,
                        sweeps=sweeps)
+
+
+def hals_update_rows(w: jax.Array, xft: jax.Array, FFt: jax.Array, weight, l2, l1, *, sweeps: int = SWEEPS
+                     ) -> jax.Array:
+    """Step 2 for rows of one W_b (rows, d), given their X F^T / s_b (rows, d) and F F^T: ``sweeps``
+    sweeps over its columns. Rows are independent (each is its own least-squares problem)."""
+    return _rows_sweep(w.T, FFt, xft.T, l2, l1, scale=weight, sweeps=sweeps).T
 
 
 def _per_row(values: jax.Array, rows: Sequence[int]) -> jax.Array:

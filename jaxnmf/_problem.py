@@ -13,6 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from ._solver import NarrowBlock, fold_row_tiles, tile_rows
 
 INITS = ("random", "nndsvd", "nndsvda")
 BLOCK_WEIGHTS = ("none", "frobenius")
@@ -102,14 +105,29 @@ def _numpy_stats(x: np.ndarray, label: str) -> tuple[float, float, float, float]
 
 
 @jax.jit
-def _device_row_stats(x: jax.Array):
-    """Two fused passes over a JAX array on its device: (all finite, min, max, per-row sums of
-    (x / max)^2 (rows,), per-row sums of x / max (rows,)), in float32 or wider. Dividing by the
-    largest entry keeps the squares of any finite data in range (1e-30 squared underflows float32)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    hi = x.max()
-    y = x / jnp.where(hi > 0, hi, 1)
-    return jnp.isfinite(x).all(), x.min(), hi, jnp.sum(y * y, axis=1), jnp.sum(y, axis=1)
+def _device_row_stats(x):
+    """Two passes over a block on its device (a JAX array or a ``NarrowBlock``), in row tiles:
+    (all finite, min, max, per-row sums of (x / max)^2 (rows,), per-row sums of x / max (rows,)),
+    in float32 or wider. Dividing by the largest entry keeps the squares of any finite data in
+    range (1e-30 squared underflows float32)."""
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    tile = tile_rows(x, x.shape[1], dtype.itemsize, _STAT_CHUNK_BYTES)
+
+    def extremes(start, x_t, acc):
+        x_t = x_t.astype(dtype)
+        return acc[0] & jnp.isfinite(x_t).all(), jnp.minimum(acc[1], x_t.min()), jnp.maximum(acc[2], x_t.max())
+
+    finite, lo, hi = fold_row_tiles(x, tile, extremes, (jnp.array(True), jnp.array(jnp.inf, dtype),
+                                                        jnp.array(-jnp.inf, dtype)))
+    scale = jnp.where(hi > 0, hi, 1)
+
+    def sums(start, x_t, acc):
+        y = x_t.astype(dtype) / scale
+        return tuple(lax.dynamic_update_slice_in_dim(a, v, start, 0)
+                     for a, v in zip(acc, (jnp.sum(y * y, axis=1), jnp.sum(y, axis=1))))
+
+    sq, tot = fold_row_tiles(x, tile, sums, (jnp.zeros(x.shape[0], dtype), jnp.zeros(x.shape[0], dtype)))
+    return finite, lo, hi, sq, tot
 
 
 def _device_stats(x: jax.Array, label: str) -> tuple[float, float, float, float]:
@@ -126,12 +144,12 @@ def _device_stats(x: jax.Array, label: str) -> tuple[float, float, float, float]
 def block_stats(blocks: Blocks) -> BlockStats:
     """Check each block is finite and non-negative; return max, squared norm and mean.
 
-    NumPy arrays (memory-mapped too) are read in float64 row chunks; JAX arrays are reduced on
-    their device in one pass (rows in float32 or the array's wider dtype, the totals in float64).
+    NumPy arrays (memory-mapped too) are read in float64 row chunks; JAX arrays and
+    ``NarrowBlock``s are reduced on their device in row tiles (rows in float32 or the array's wider dtype, the totals in float64).
     """
     maxs, sq, means = [], [], []
     for label, x in zip(blocks.labels, blocks.arrays):
-        lo, hi, s, tot = (_device_stats if isinstance(x, jax.Array) else _numpy_stats)(x, label)
+        lo, hi, s, tot = (_device_stats if isinstance(x, (jax.Array, NarrowBlock)) else _numpy_stats)(x, label)
         if lo < 0:
             raise ValueError(f"{label} has negative entries (min {lo:.3g}); NMF needs non-negative data")
         maxs.append(hi), sq.append(s), means.append(tot / (x.shape[0] * x.shape[1]))

@@ -24,6 +24,7 @@ norm after its update, F untouched: J can then rise.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple, Sequence
 
@@ -85,25 +86,93 @@ def _floor(x: jax.Array) -> jax.Array:
     return jnp.maximum(x, jnp.finfo(x.dtype).tiny)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class NarrowBlock:
+    """A block (rows, N) held in a 16-bit float dtype (bfloat16, float16), stored as its bit
+    pattern ``bits`` (uint16). XLA's CPU backend cannot slice a bfloat16 array: it would convert
+    the whole block to float32 first (a full-size copy each call), so tiles are cut from the bits
+    and converted one by one (``row_slice``, ``fold_row_tiles``)."""
+
+    bits: jax.Array
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.bits.shape
+
+    def astype(self, dtype) -> jax.Array:
+        """The values as ``dtype``: a full-size array, for tiles and small blocks only."""
+        return lax.bitcast_convert_type(self.bits, self.dtype).astype(dtype)
+
+
+def pack_narrow(x: jax.Array, dtype) -> NarrowBlock:
+    """``x`` rounded to the 16-bit float ``dtype``, as a ``NarrowBlock``."""
+    return NarrowBlock(lax.bitcast_convert_type(x.astype(dtype), jnp.uint16), np.dtype(dtype))
+
+
+def row_slice(x, start, size: int):
+    """Rows [start, start + size) of a block (a JAX array or a ``NarrowBlock``); ``size`` static."""
+    if isinstance(x, NarrowBlock):
+        return NarrowBlock(lax.dynamic_slice_in_dim(x.bits, start, size), x.dtype)
+    return lax.dynamic_slice_in_dim(x, start, size)
+
+
+def tile_rows(x, n_cols: int, itemsize: int, tile_bytes: int) -> int:
+    """Rows per tile so that a tile of ``n_cols`` columns of ``itemsize`` bytes is about ``tile_bytes``."""
+    return int(max(1, min(x.shape[0], tile_bytes // (itemsize * n_cols))))
+
+
+def fold_row_tiles(x, tile: int, fn, init):
+    """acc = fn(start, rows [start, start + size) of x, acc) over the row tiles of block x, in order.
+
+    Full tiles run under ``fori_loop`` (one compiled body), the last, shorter tile after it; the
+    tile passed to ``fn`` has the block's type (convert it with ``.astype``)."""
+    rows = x.shape[0]
+    n_full = rows // tile
+    acc = lax.fori_loop(0, n_full, lambda i, acc: fn(i * tile, row_slice(x, i * tile, tile), acc), init)
+    if n_full * tile < rows:
+        acc = fn(n_full * tile, row_slice(x, n_full * tile, rows - n_full * tile), acc)
+    return acc
+
+
+def factor_statistics(blocks: Sequence[jax.Array], factors: Sequence[jax.Array], params: Params, dtype
+                      ) -> tuple[jax.Array, jax.Array]:
+    """What the F update needs from the data, one pass: R = sum_b (w_b / s_b) W_b^T X_b (d, N) and
+    G = sum_b w_b W_b^T W_b (d, d)."""
+    R, G = 0, 0
+    for b, (x, w) in enumerate(zip(blocks, factors)):
+        R = R + (params.weights[b] / params.data_scale[b]) * _dot(w.T, x.astype(dtype))
+        G = G + params.weights[b] * _dot(w.T, w)
+    return R, G
+
+
+def mu_update_F_from(F: jax.Array, R: jax.Array, G: jax.Array, params: Params, groups: jax.Array | None = None,
+                     n_groups: int = 1) -> jax.Array:
+    """Eq. 3.2, first line, given R = sum_b w_b W_b^T X_b (d, N) and G = sum_b w_b W_b^T W_b (d, d)."""
+    den = _dot(G, F) + params.l2_F * F + params.l1_F
+    norms = _group_norms(F, groups, n_groups)
+    den = den + params.group_F * F / _floor(norms if groups is None else norms[:, groups])
+    return F * R / _floor(den)
+
+
 def update_F(blocks: Sequence[jax.Array], F: jax.Array, factors: Sequence[jax.Array], params: Params,
              groups: jax.Array | None = None, n_groups: int = 1) -> jax.Array:
     """One multiplicative update of F (d, N) with the block factors held fixed (Eq. 3.2, first line)."""
-    num = jnp.zeros_like(F)
-    gram = jnp.zeros((F.shape[0], F.shape[0]), F.dtype)
-    for b, (x, w) in enumerate(zip(blocks, factors)):
-        num = num + (params.weights[b] / params.data_scale[b]) * _dot(w.T, x.astype(F.dtype))
-        gram = gram + params.weights[b] * _dot(w.T, w)
-    den = _dot(gram, F) + params.l2_F * F + params.l1_F
-    norms = _group_norms(F, groups, n_groups)
-    den = den + params.group_F * F / _floor(norms if groups is None else norms[:, groups])
-    return F * num / _floor(den)
+    R, G = factor_statistics(blocks, factors, params, F.dtype)
+    return mu_update_F_from(F, R, G, params, groups, n_groups)
+
+
+def mu_update_rows(w: jax.Array, xft: jax.Array, FFt: jax.Array, weight, l2, l1) -> jax.Array:
+    """Eq. 3.2 for rows of one W_b (rows, d), given their X F^T / s_b (rows, d) and F F^T (d, d):
+    W <- W * (w_b X F^T) / (w_b W F F^T + l2_b W + l1_b). Rows are independent."""
+    return w * (weight * xft) / _floor(weight * _dot(w, FFt) + l2 * w + l1)
 
 
 def _update_factor(x, w, F, FFt, b, params, unit_columns):
     """W_b update with its X_b F^T (rows_b, d), returned for the cheap objective."""
     xft = _dot(x.astype(F.dtype), F.T) / params.data_scale[b]
-    weight = params.weights[b]
-    w = w * (weight * xft) / _floor(weight * _dot(w, FFt) + params.l2[b] * w + params.l1[b])
+    w = mu_update_rows(w, xft, FFt, params.weights[b], params.l2[b], params.l1[b])
     if unit_columns:
         norms = jnp.sqrt(jnp.sum(w * w, axis=0, keepdims=True))
         w = w * (params.column_norm[b] / _floor(norms))
@@ -150,24 +219,18 @@ def mu_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_sq
     return MUState(F, factors), fit + _penalties(F, factors, params, groups, n_groups)
 
 
-def _residual_sq(x: jax.Array, w: jax.Array, F: jax.Array, data_scale: jax.Array) -> jax.Array:
+_RESIDUAL_TILE_BYTES = 32 << 20
+
+
+def _residual_sq(x, w: jax.Array, F: jax.Array, data_scale: jax.Array) -> jax.Array:
     """||X / data_scale - W F||_F^2 over tiles of contiguous rows, so no (rows, N) temporary is formed."""
-    rows, n = x.shape
-    tile = int(max(1, min(rows, (32 << 20) // (4 * n))))
-    n_full = rows // tile
+    tile = tile_rows(x, F.shape[1], F.dtype.itemsize, _RESIDUAL_TILE_BYTES)
 
-    def tile_sq(x_t, w_t):
-        r = x_t.astype(F.dtype) / data_scale - _dot(w_t, F)
-        return jnp.sum(r * r)
+    def tile_sq(start, x_t, acc):
+        r = x_t.astype(F.dtype) / data_scale - _dot(lax.dynamic_slice_in_dim(w, start, x_t.shape[0]), F)
+        return acc + jnp.sum(r * r)
 
-    def body(i, acc):
-        start = i * tile
-        return acc + tile_sq(lax.dynamic_slice_in_dim(x, start, tile), lax.dynamic_slice_in_dim(w, start, tile))
-
-    total = lax.fori_loop(0, n_full, body, jnp.zeros((), F.dtype))
-    if n_full * tile < rows:
-        total = total + tile_sq(x[n_full * tile:], w[n_full * tile:])
-    return total
+    return fold_row_tiles(x, tile, tile_sq, jnp.zeros((), F.dtype))
 
 
 def objective(blocks: Sequence[jax.Array], F: jax.Array, factors: Sequence[jax.Array], params: Params,
@@ -287,24 +350,43 @@ def _run_transform(blocks, F, factors, params, tol, groups, *, length, check_eve
 # Initialisation (in the units of the scaled problem X_b / data_scale)
 # ---------------------------------------------------------------------------------------------
 
+def _times(x, M: jax.Array) -> jax.Array:
+    """X M (rows, k) for a block X (rows, N); a ``NarrowBlock`` tile by tile (no full-size copy)."""
+    if not isinstance(x, NarrowBlock):
+        return _dot(x.astype(M.dtype), M)
+    tile = tile_rows(x, x.shape[1], M.dtype.itemsize, _RESIDUAL_TILE_BYTES)
+    out = jnp.zeros((x.shape[0], M.shape[1]), M.dtype)
+    return fold_row_tiles(x, tile, lambda start, x_t, out: lax.dynamic_update_slice_in_dim(
+        out, _dot(x_t.astype(M.dtype), M), start, 0), out)
+
+
+def _t_times(x, Q: jax.Array) -> jax.Array:
+    """X^T Q (N, k) for a block X (rows, N) and Q (rows, k); a ``NarrowBlock`` tile by tile."""
+    if not isinstance(x, NarrowBlock):
+        return _dot(x.astype(Q.dtype).T, Q)
+    tile = tile_rows(x, x.shape[1], Q.dtype.itemsize, _RESIDUAL_TILE_BYTES)
+    return fold_row_tiles(x, tile, lambda start, x_t, acc: acc + _dot(
+        x_t.astype(Q.dtype).T, lax.dynamic_slice_in_dim(Q, start, x_t.shape[0])),
+        jnp.zeros((x.shape[1], Q.shape[1]), Q.dtype))
+
+
 def _truncated_svd(blocks, coefs, rank, key, dtype):
     """Top-``rank`` SVD of the stacked matrix [c_b X_b] (M, N): exact when small, else randomised
     (Halko et al. 2011: oversampling 10, four power iterations), one block at a time."""
     rows = [x.shape[0] for x in blocks]
     m, n = sum(rows), blocks[0].shape[1]
-    xs = [x.astype(dtype) for x in blocks]
     if m * n <= _EXACT_SVD_MAX_SIZE:
-        y = jnp.concatenate([c * x for c, x in zip(coefs, xs)], axis=0)
+        y = jnp.concatenate([c * x.astype(dtype) for c, x in zip(coefs, blocks)], axis=0)
         u, s, vt = jnp.linalg.svd(y, full_matrices=False)
         return u[:, :rank], s[:rank], vt[:rank]
     k = min(rank + 10, m, n)
     split = lambda q: jnp.split(q, np.cumsum(rows)[:-1], axis=0)
-    q, _ = jnp.linalg.qr(jnp.concatenate([c * _dot(x, jax.random.normal(key, (n, k), dtype))
-                                          for c, x in zip(coefs, xs)], axis=0))
+    q, _ = jnp.linalg.qr(jnp.concatenate([c * _times(x, jax.random.normal(key, (n, k), dtype))
+                                          for c, x in zip(coefs, blocks)], axis=0))
     for _ in range(4):
-        z, _ = jnp.linalg.qr(sum(c * _dot(x.T, qb) for c, x, qb in zip(coefs, xs, split(q))))
-        q, _ = jnp.linalg.qr(jnp.concatenate([c * _dot(x, z) for c, x in zip(coefs, xs)], axis=0))
-    small = sum(c * _dot(qb.T, x) for c, x, qb in zip(coefs, xs, split(q)))  # (k, N)
+        z, _ = jnp.linalg.qr(sum(c * _t_times(x, qb) for c, x, qb in zip(coefs, blocks, split(q))))
+        q, _ = jnp.linalg.qr(jnp.concatenate([c * _times(x, z) for c, x in zip(coefs, blocks)], axis=0))
+    small = sum(c * _t_times(x, qb).T for c, x, qb in zip(coefs, blocks, split(q)))  # (k, N)
     ub, s, vt = jnp.linalg.svd(small, full_matrices=False)
     return _dot(q, ub)[:, :rank], s[:rank], vt[:rank]
 
