@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxnmf
+
 TRUE_RANK = 30  # rank of the synthetic data's signal (ranks 10 and 20 under-fit it, 50 over-fits)
 _CHUNK_BYTES = 32 << 20  # blocks are generated in row chunks of about this size
 
@@ -57,13 +59,14 @@ CASES = {
 }
 
 
-def make_blocks(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
-    """Synthetic non-negative float32 blocks: X_b = W_b G + noise, G (TRUE_RANK, N) shared.
+def make_blocks(case: Case, seed: int = 0, *, dtype=np.float32, aligned: bool = False) -> dict[str, np.ndarray]:
+    """Synthetic non-negative blocks: X_b = W_b G + noise, G (TRUE_RANK, N) shared.
 
     W_b is sparse (70% zeros, like silent neurons), G and W_b exponential (the signal's entries
-    average about 9), the noise uniform in [0, 1). Written in row chunks into the final arrays, so that
-    building the data needs no more memory than the data. The same seed gives the same data in
-    every process.
+    average about 9), the noise uniform in [0, 1). Computed in float32 row chunks and written into
+    the final arrays of ``dtype`` (``jnp.bfloat16`` rounds), so that building the data needs no
+    more memory than the data. ``aligned``: allocate with ``jaxnmf.aligned_empty`` (``fit`` then
+    uses the arrays in place on a CPU). The same seed gives the same data in every process.
     """
     rng = np.random.default_rng(seed)
     g = rng.exponential(size=(TRUE_RANK, case.n)).astype(np.float32)
@@ -71,11 +74,11 @@ def make_blocks(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     blocks = {}
     for name, rows in case.blocks:
         w = (rng.exponential(size=(rows, TRUE_RANK)) * (rng.random((rows, TRUE_RANK)) < 0.3)).astype(np.float32)
-        x = np.empty((rows, case.n), np.float32)
+        x = jaxnmf.aligned_empty((rows, case.n), dtype) if aligned else np.empty((rows, case.n), dtype)
         for start in range(0, rows, chunk):
-            part = x[start:start + chunk]
-            np.matmul(w[start:start + chunk], g, out=part)
+            part = w[start:start + chunk] @ g
             part += rng.random(part.shape, dtype=np.float32)
+            x[start:start + chunk] = part
         blocks[name] = x
     return blocks
 

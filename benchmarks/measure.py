@@ -24,14 +24,16 @@ def steps(blocks_dev: dict, blocks_host: dict, rank: int, repeats: int, *, sklea
     """Seconds per iteration (median of ``repeats``, round-robin) of every step, the GEMM floor,
     and one read of the data (the memory-bandwidth bound of one of the floor's two passes).
 
-    jaxnmf steps are the jitted pure steps a fit iterates; the NumPy reference is
-    ``reference.mu_step``. With ``sklearn_iters`` (single block only) scikit-learn's MU is timed
+    jaxnmf steps are the jitted pure steps a fit iterates (the plain two-pass steps, and the
+    one-pass steps of ``fit(one_pass=True)``, on float32 blocks and on bfloat16 blocks); the
+    NumPy reference is ``reference.mu_step``. With ``sklearn_iters`` (single block only) scikit-learn's MU is timed
     as whole calls of 1 and 1 + sklearn_iters iterations: its seconds per iteration is the slope,
     its fixed cost per call (validation, final loss) the intercept.
     """
     F0, W0 = init_factors(blocks_host, rank)
     dev, host = list(blocks_dev.values()), list(blocks_host.values())
     fns = {name: solvers.jax_step(step, dev, F0, W0) for name, step in solvers.jax_steps().items()}
+    fns.update(solvers.jax_one_pass_steps(dev, F0, W0))
     fns["NumPy reference MU"] = solvers.reference_step(host, F0, W0)
     fns["GEMM floor (JAX)"] = solvers.floor_jax(dev, F0, W0)
     fns["GEMM floor (NumPy)"] = solvers.floor_numpy(host, F0, W0)
@@ -53,7 +55,9 @@ def steps(blocks_dev: dict, blocks_host: dict, rank: int, repeats: int, *, sklea
         flops = floor_flops(rows, n, rank) if name.startswith("GEMM floor") else mu_flops(rows, n, rank)
         out[name] = dict(seconds=seconds, gflops=flops / seconds / 1e9, samples=times)
         if _on_gpu() and (name.startswith("jaxnmf") or name == "GEMM floor (JAX)"):
-            out[name]["gb_per_s"] = bytes_read(rows, n) / seconds / 1e9
+            passes = 1 if "one pass" in name else 2
+            width = 2 if "bfloat16" in name else 4
+            out[name]["gb_per_s"] = bytes_read(rows, n) * passes * width / 8 / seconds / 1e9
     if sklearn_iters:
         short, long = samples["sklearn short"], samples["sklearn long"]
         per_iter, fixed = marginal(median(short), 1, median(long), 1 + sklearn_iters)

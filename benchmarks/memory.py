@@ -1,10 +1,12 @@
 """Peak memory of one fit, measured in a fresh process so that nothing else in the run counts.
 
 The child imports everything and starts the JAX backend, takes its resident memory then as the
-baseline, builds the case's data in NumPy (in place, no temporary of the data's size), runs the
-solver from NumPy input, and reports the process's peak resident memory (``ru_maxrss``). The
-figure compared with the target is (peak - baseline) / size of the data: the data itself counts
-1.0, compilation and every temporary count on top.
+baseline, builds the case's data in NumPy (in place, no temporary of the data's size; aligned
+with ``jaxnmf.aligned_empty`` for the "aligned input" rows, in bfloat16 for the bfloat16 row),
+runs the solver from that NumPy input, and reports the process's peak resident memory
+(``ru_maxrss``). The figure compared with the target is (peak - baseline) / size of the data in
+float32: float32 data itself counts 1.0 (bfloat16 data 0.5), compilation and every temporary
+count on top.
 
     python -m benchmarks.memory CASE SOLVER RANK ITERS   # prints one JSON line
 """
@@ -17,7 +19,10 @@ import resource
 import subprocess
 import sys
 
-SOLVERS = ("jaxnmf MU", "jaxnmf HALS", "NumPy reference MU", "scikit-learn MU")
+# jaxnmf from NumPy arrays as NumPy allocates them (fit copies them once), from arrays made with
+# jaxnmf.aligned_empty (used in place on a CPU), and from data built in bfloat16 (aligned).
+SOLVERS = ("jaxnmf MU", "jaxnmf MU, aligned input", "jaxnmf HALS, aligned input",
+           "jaxnmf MU, one pass, bfloat16 blocks, aligned input", "NumPy reference MU", "scikit-learn MU")
 
 
 def _peak_rss() -> int:
@@ -28,6 +33,7 @@ def _peak_rss() -> int:
 def _child(case_name: str, solver: str, rank: int, iters: int) -> dict:
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import psutil
 
     import jaxnmf
@@ -41,13 +47,16 @@ def _child(case_name: str, solver: str, rank: int, iters: int) -> dict:
     if solver == "scikit-learn MU":  # one block: scikit-learn has no coupled NMF
         case = dataclasses.replace(case, blocks=tuple(b for b in case.blocks if b[0] == case.single_block))
     baseline = psutil.Process().memory_info().rss
-    blocks = make_blocks(case)
+    bf16 = "bfloat16" in solver
+    blocks = make_blocks(case, dtype=jnp.bfloat16 if bf16 else np.float32, aligned="aligned" in solver)
     after_data = psutil.Process().memory_info().rss
     F0, W0 = init_factors(blocks, rank)
     X = list(blocks.values())
     if solver.startswith("jaxnmf"):
-        result = jaxnmf.fit(X, rank, key=jax.random.key(0), init=(F0, W0), max_iter=iters, tol=0,
-                            **({"solver": "hals"} if solver == "jaxnmf HALS" else {}))
+        options = dict(solver="hals" if "HALS" in solver else "mu")
+        if bf16:
+            options["block_dtype"] = jnp.bfloat16
+        result = jaxnmf.fit(X, rank, key=jax.random.key(0), init=(F0, W0), max_iter=iters, tol=0, **options)
         jax.block_until_ready(result.F)
     elif solver == "NumPy reference MU":
         reference.fit(X, rank, key=0, init=(F0, W0), max_iter=iters, tol=0)

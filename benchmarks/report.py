@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 from .timing import ratio
 
-STEP_ROWS = ("jaxnmf MU", "jaxnmf HALS", "NumPy reference MU", "scikit-learn MU", "GEMM floor (JAX)",
+STEP_ROWS = ("jaxnmf MU", "jaxnmf HALS", "jaxnmf MU, one pass", "jaxnmf HALS, one pass",
+             "jaxnmf MU, one pass, bfloat16 blocks", "NumPy reference MU", "scikit-learn MU", "GEMM floor (JAX)",
              "GEMM floor (NumPy)", "one data pass (JAX)")
 
 
@@ -135,6 +136,10 @@ def _case_markdown(name: str, case: dict) -> list[str]:
         lines += _steps_table(case["coupled"], [("jaxnmf MU / NumPy reference", "jaxnmf MU", "NumPy reference MU"),
                                                 ("jaxnmf MU / GEMM floor (JAX)", "jaxnmf MU", "GEMM floor (JAX)"),
                                                 ("jaxnmf HALS / jaxnmf MU", "jaxnmf HALS", "jaxnmf MU"),
+                                                ("MU one pass / MU", "jaxnmf MU, one pass", "jaxnmf MU"),
+                                                ("HALS one pass / HALS", "jaxnmf HALS, one pass", "jaxnmf HALS"),
+                                                ("MU one pass, bfloat16 blocks / MU", "jaxnmf MU, one pass, bfloat16 blocks",
+                                                 "jaxnmf MU"),
                                                 ("NumPy reference / GEMM floor (NumPy)", "NumPy reference MU",
                                                  "GEMM floor (NumPy)"),
                                                 ("GEMM floor (JAX) / one data pass", "GEMM floor (JAX)",

@@ -16,6 +16,8 @@ from jax import lax
 
 import jaxnmf
 from jaxnmf import reference
+from jaxnmf._one_pass import OnePassStep, with_statistics
+from jaxnmf._solver import pack_narrow
 
 _HIGHEST = lax.Precision.HIGHEST  # jaxnmf's precision (matters on GPUs, where the default is TF32)
 
@@ -60,6 +62,30 @@ def jax_step(step: Callable, blocks: Sequence[jax.Array], F0: np.ndarray, W0: Se
     params = jaxnmf.make_params(len(blocks))
     sq_norms = _sq_norms(blocks)
     return lambda: _jit_step(step, blocks, state, params, sq_norms)
+
+
+@functools.partial(jax.jit, static_argnames=("step",))
+def _jit_one_pass_step(step, blocks, state, params, sq_norms):
+    return step(blocks, state, params, sq_norms)
+
+
+def jax_one_pass_steps(blocks: Sequence[jax.Array], F0: np.ndarray, W0: Sequence[np.ndarray]) -> dict[str, Callable]:
+    """The jitted one-pass steps (``jaxnmf._one_pass``) a fit with ``one_pass=True`` iterates: MU,
+    HALS, and MU on the blocks rounded to bfloat16 (held as ``NarrowBlock``s, made here: half the
+    data's size again)."""
+    blocks = tuple(blocks)
+    narrow = tuple(jax.block_until_ready(pack_narrow(x, jnp.bfloat16)) for x in blocks)
+    params = jaxnmf.make_params(len(blocks))
+    state = jaxnmf.MUState(jnp.asarray(F0), tuple(jnp.asarray(w) for w in W0))
+    fns = {}
+    for name, data, solver in [("jaxnmf MU, one pass", blocks, "mu"), ("jaxnmf HALS, one pass", blocks, "hals"),
+                               ("jaxnmf MU, one pass, bfloat16 blocks", narrow, "mu")]:
+        if solver == "hals" and not hals_available():
+            continue
+        start = with_statistics(data, state, params)
+        sq = jnp.asarray([float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in data], jnp.float32)
+        fns[name] = functools.partial(_jit_one_pass_step, OnePassStep(solver), data, start, params, sq)
+    return fns
 
 
 def jax_vmap_step(step: Callable, blocks: Sequence[jax.Array], inits: Sequence[tuple]) -> Callable:
