@@ -36,7 +36,7 @@ from ._hals import SWEEPS, hals_update_F_from, hals_update_rows
 from ._solver import (MUState, Params, _dot, _floor, _penalties, factor_statistics, fold_row_tiles, mu_update_F_from,
                       mu_update_rows, tile_rows)
 
-TILE_BYTES = 32 << 20  # rows per tile: about this many bytes of converted data (the fastest of 10 to 160 MB here)
+TILE_BYTES = 16 << 20  # rows per tile: about this many bytes of converted data (the fastest of 8 to 64 MB here)
 
 
 class PassState(NamedTuple):

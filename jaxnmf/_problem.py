@@ -19,7 +19,8 @@ from ._solver import NarrowBlock, fold_row_tiles, tile_rows
 
 INITS = ("random", "nndsvd", "nndsvda")
 BLOCK_WEIGHTS = ("none", "frobenius")
-_STAT_CHUNK_BYTES = 64 << 20  # rows are scanned in chunks of about this size
+_STAT_CHUNK_BYTES = 64 << 20  # NumPy rows are scanned in float64 chunks of about this size
+_DEVICE_TILE_BYTES = 8 << 20  # device blocks in tiles of about this size
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _device_row_stats(x):
     in float32 or wider. Dividing by the largest entry keeps the squares of any finite data in
     range (1e-30 squared underflows float32)."""
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    tile = tile_rows(x, x.shape[1], dtype.itemsize, _STAT_CHUNK_BYTES)
+    tile = tile_rows(x, x.shape[1], dtype.itemsize, _DEVICE_TILE_BYTES)
 
     def extremes(start, x_t, acc):
         x_t = x_t.astype(dtype)
