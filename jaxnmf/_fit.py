@@ -229,7 +229,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     step_fn = OnePassStep(st["solver"]) if one_pass else _STEPS[st["solver"]]
     if one_pass:
         states = _with_statistics_restarts(arrays, states, params)
-    carry = _initial_carry_restarts(arrays, states, params, groups_j, n_groups=n_groups)
+    carry = _initial_carry_restarts(arrays, states, params, groups_j, n_groups=n_groups, exact=tol > 0)
     # chunks of about _CHUNK iterations, a multiple of check_every, that waste little past max_iter
     n_chunks = math.ceil(max_iter / _CHUNK)
     length = check_every * math.ceil(max_iter / (n_chunks * check_every))
