@@ -57,7 +57,7 @@ DEFAULT = Settings(ranks=(10, 20, 50), repeats=5, fit_repeats=3, trace_rank=20, 
 # ResNet-18 stages, ~5 GB: fewer repeats and iterations, and no NumPy-reference or scikit-learn
 # memory runs (their float64 objective temporaries would exceed this machine's memory).
 LARGE = dataclasses.replace(DEFAULT, repeats=3, fit_repeats=1, mu_iters=100,
-                            memory_solvers=("jaxnmf MU", "jaxnmf HALS"))
+                            memory_solvers=tuple(s for s in memory.SOLVERS if s.startswith("jaxnmf")))
 
 
 _START = time.perf_counter()
@@ -135,7 +135,7 @@ def run_case(case: Case, settings: Settings, sections: set[str]) -> dict:
     out = dict(description=case.description, n=case.n, blocks=dict(case.blocks), data_bytes=case.nbytes,
                settings=dataclasses.asdict(settings))
     if "memory" in sections:
-        wanted = [s for s in settings.memory_solvers if s != "jaxnmf HALS" or solvers.hals_available()]
+        wanted = [s for s in settings.memory_solvers if "HALS" not in s or solvers.hals_available()]
         out["memory"] = []
         for solver in wanted:
             log(f"{case.name}: peak memory of {solver}")
