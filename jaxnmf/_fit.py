@@ -14,8 +14,8 @@ from . import _problem as P
 from ._hals import hals_step
 from ._one_pass import OnePassStep, with_statistics
 from ._solver import objective as _objective
-from ._solver import (MUState, NarrowBlock, pack_narrow, _initial_carry_restarts, _run_restarts, _run_transform, init_nndsvd, init_random,
-                      make_params, mu_step, objective_restarts, relative_errors)
+from ._solver import (MUState, NarrowBlock, _initial_carry_restarts, _run_restarts, _run_transform, init_nndsvd,
+                      init_random, make_params, mu_step, objective_restarts, pack_narrow, relative_errors)
 
 _CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
 _STEPS = {"mu": mu_step, "hals": hals_step}
@@ -125,7 +125,8 @@ def _check_block_dtype(block_dtype, dtype) -> jnp.dtype:
     if block_dtype is None:
         return dtype
     block_dtype = jnp.dtype(block_dtype)
-    if block_dtype not in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64) or block_dtype.itemsize > dtype.itemsize:
+    floats = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
+    if block_dtype not in floats or block_dtype.itemsize > dtype.itemsize:
         raise ValueError(f"block_dtype must be a floating dtype no wider than dtype={dtype} "
                          f"(bfloat16, float16, float32), got {block_dtype}")
     return block_dtype
@@ -197,7 +198,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         raise ValueError(f"block_dtype={block_dtype} needs one_pass: the two-pass step would convert whole blocks "
                          "to dtype at every iteration")
     given = P.as_blocks(blocks)
-    bl, stats, st = P.check_fit(given.rebuild([_to_device(x, block_dtype) for x in given.arrays]), rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
+    on_device = given.rebuild([_to_device(x, block_dtype) for x in given.arrays])
+    bl, stats, st = P.check_fit(on_device, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
                                 l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                                 block_weights=block_weights, group_F=group_F, example_groups=example_groups,
                                 check_every=check_every, solver=solver)

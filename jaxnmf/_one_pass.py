@@ -26,6 +26,7 @@ conversion.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -96,8 +97,7 @@ class OnePassStep:
             update_rows = mu_update_rows
         else:
             F = hals_update_F_from(state.F, state.R, state.G, params, groups, n_groups, sweeps=self.sweeps)
-            update_rows = lambda w, P, FFt, weight, l2, l1: hals_update_rows(w, P, FFt, weight, l2, l1,
-                                                                            sweeps=self.sweeps)
+            update_rows = functools.partial(hals_update_rows, sweeps=self.sweeps)
         FFt = _dot(F, F.T)
         factors, R, G, fit = [], 0, 0, 0
         for b, (x, w) in enumerate(zip(blocks, state.factors)):
@@ -108,7 +108,7 @@ class OnePassStep:
                 D = params.column_norm[b] / _floor(jnp.sqrt(jnp.diagonal(WtW)))  # (d,)
                 w, A, WtW, c = w * D[None, :], A * D[:, None], WtW * jnp.outer(D, D), c * D
             factors.append(w)
-            R = R + (weight * A)
+            R = R + weight * A
             G = G + weight * WtW
             fit = fit + weight * (data_sq_norms[b] - 2 * jnp.sum(c) + jnp.sum(WtW * FFt))
         factors = tuple(factors)
