@@ -98,24 +98,22 @@ def traces(dev: dict, host: dict, case: Case, settings: Settings, sklearn_timing
     """Objective against time of every solver, coupled and on the single block, at the trace rank.
 
     The NumPy reference and scikit-learn get the time jaxnmf MU took (at most budget_s)."""
-    rank, hals = settings.trace_rank, solvers.hals_available()
+    rank = settings.trace_rank
     hals_iters = max(2 * measure.FIT_CHUNK, settings.mu_iters // 2)
     init = init_factors(host, rank)
     repeats, budget = settings.fit_repeats, settings.budget_s
     alongside = {"NumPy reference MU": solvers.reference_step(list(host.values()), *init),
                  "GEMM floor (JAX)": solvers.floor_jax(list(dev.values()), *init)}
-    coupled = {"jaxnmf MU": measure.fit_trace(dev, init, "mu", settings.mu_iters, repeats, alongside)}
-    if hals:
-        coupled["jaxnmf HALS"] = measure.fit_trace(dev, init, "hals", hals_iters, repeats)
+    coupled = {"jaxnmf MU": measure.fit_trace(dev, init, "mu", settings.mu_iters, repeats, alongside),
+               "jaxnmf HALS": measure.fit_trace(dev, init, "hals", hals_iters, repeats)}
     coupled["NumPy reference MU"] = measure.reference_trace(dev, host, init,
                                                             min(coupled["jaxnmf MU"]["times"][-1], budget))
 
     name = case.single_block
     sdev, shost = {name: dev[name]}, {name: host[name]}
     sinit = init_factors(shost, rank)
-    single = {"jaxnmf MU": measure.fit_trace(sdev, sinit, "mu", settings.single_iters, repeats)}
-    if hals:
-        single["jaxnmf HALS"] = measure.fit_trace(sdev, sinit, "hals", settings.single_iters, repeats)
+    single = {"jaxnmf MU": measure.fit_trace(sdev, sinit, "mu", settings.single_iters, repeats),
+              "jaxnmf HALS": measure.fit_trace(sdev, sinit, "hals", settings.single_iters, repeats)}
     same_time = min(single["jaxnmf MU"]["times"][-1], budget)
     single["NumPy reference MU"] = measure.reference_trace(sdev, shost, sinit, same_time)
     if sklearn_timing:
@@ -124,10 +122,8 @@ def traces(dev: dict, host: dict, case: Case, settings: Settings, sklearn_timing
         single["scikit-learn MU"] = measure.sklearn_trace(sdev[name], shost[name], sinit,
                                                           min(max(1, n_iter), 10 * settings.single_iters),
                                                           per_iter, fixed)
-    out = dict(rank=rank, single_block=name, coupled=coupled, single=single)
-    if hals:
-        out["hals_target"] = measure.hals_target(coupled["jaxnmf MU"], coupled["jaxnmf HALS"])
-    return out
+    return dict(rank=rank, single_block=name, coupled=coupled, single=single,
+                hals_target=measure.hals_target(coupled["jaxnmf MU"], coupled["jaxnmf HALS"]))
 
 
 def run_case(case: Case, settings: Settings, sections: set[str]) -> dict:
@@ -135,9 +131,8 @@ def run_case(case: Case, settings: Settings, sections: set[str]) -> dict:
     out = dict(description=case.description, n=case.n, blocks=dict(case.blocks), data_bytes=case.nbytes,
                settings=dataclasses.asdict(settings))
     if "memory" in sections:
-        wanted = [s for s in settings.memory_solvers if "HALS" not in s or solvers.hals_available()]
         out["memory"] = []
-        for solver in wanted:
+        for solver in settings.memory_solvers:
             log(f"{case.name}: peak memory of {solver}")
             out["memory"].append(memory.measure(case.name, solver, settings.trace_rank, settings.memory_iters))
     log(f"{case.name}: building {case.nbytes / 1e9:.2f} GB of data")

@@ -22,22 +22,9 @@ from jaxnmf._solver import pack_narrow
 _HIGHEST = lax.Precision.HIGHEST  # jaxnmf's precision (matters on GPUs, where the default is TF32)
 
 
-@functools.cache
-def hals_available() -> bool:
-    """Whether ``jaxnmf.fit`` accepts ``solver="hals"`` (tried on a 3 x 4 problem)."""
-    try:
-        jaxnmf.fit([np.ones((3, 4), np.float32)], 1, key=jax.random.key(0), max_iter=1, solver="hals")
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def jax_steps() -> dict[str, Callable]:
-    """The pure jaxnmf steps available: MU, and HALS when jaxnmf has it."""
-    steps = {"jaxnmf MU": jaxnmf.mu_step}
-    if hals_available():
-        steps["jaxnmf HALS"] = jaxnmf.hals_step
-    return steps
+    """The pure jaxnmf steps: MU and HALS."""
+    return {"jaxnmf MU": jaxnmf.mu_step, "jaxnmf HALS": jaxnmf.hals_step}
 
 
 @functools.partial(jax.jit, static_argnames=("step",))
@@ -50,9 +37,9 @@ def _jit_vmap_step(step, blocks, states, params, sq_norms):
     return jax.vmap(step, in_axes=(None, 0, None, None))(blocks, states, params, sq_norms)
 
 
-def _sq_norms(blocks: Sequence[jax.Array]) -> jax.Array:
-    """(B,) ||X_b||^2, so that the timed step does not recompute it (``fit`` passes it too)."""
-    return jnp.stack([jnp.vdot(x, x) for x in blocks])
+def _sq_norms(blocks: Sequence) -> jax.Array:
+    """(B,) ||X_b||^2 in float32, so that the timed step does not recompute it (``fit`` passes it too)."""
+    return jnp.stack([jnp.vdot(y, y) for y in (x.astype(jnp.float32) for x in blocks)])
 
 
 def jax_step(step: Callable, blocks: Sequence[jax.Array], F0: np.ndarray, W0: Sequence[np.ndarray]) -> Callable:
@@ -62,11 +49,6 @@ def jax_step(step: Callable, blocks: Sequence[jax.Array], F0: np.ndarray, W0: Se
     params = jaxnmf.make_params(len(blocks))
     sq_norms = _sq_norms(blocks)
     return lambda: _jit_step(step, blocks, state, params, sq_norms)
-
-
-@functools.partial(jax.jit, static_argnames=("step",))
-def _jit_one_pass_step(step, blocks, state, params, sq_norms):
-    return step(blocks, state, params, sq_norms)
 
 
 def jax_one_pass_steps(blocks: Sequence[jax.Array], F0: np.ndarray, W0: Sequence[np.ndarray]) -> dict[str, Callable]:
@@ -80,11 +62,8 @@ def jax_one_pass_steps(blocks: Sequence[jax.Array], F0: np.ndarray, W0: Sequence
     fns = {}
     for name, data, solver in [("jaxnmf MU, one pass", blocks, "mu"), ("jaxnmf HALS, one pass", blocks, "hals"),
                                ("jaxnmf MU, one pass, bfloat16 blocks", narrow, "mu")]:
-        if solver == "hals" and not hals_available():
-            continue
         start = with_statistics(data, state, params)
-        sq = jnp.asarray([float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in data], jnp.float32)
-        fns[name] = functools.partial(_jit_one_pass_step, OnePassStep(solver), data, start, params, sq)
+        fns[name] = functools.partial(_jit_step, OnePassStep(solver), data, start, params, _sq_norms(data))
     return fns
 
 

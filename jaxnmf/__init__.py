@@ -19,7 +19,8 @@ from .analysis import (attribute_auc, class_weights, factor_table, latent_images
                        neuron_similarity, similarity_eigenvalues)
 
 __all__ = [
-    "fit", "transform", "objective", "NMFResult", "aligned_empty", "mu_step", "hals_step", "MUState", "Params", "make_params",
+    "fit", "transform", "objective", "NMFResult", "aligned_empty", "mu_step", "hals_step", "MUState", "Params",
+    "make_params",
     "analysis", "reference",
     "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",
     "latent_images", "median_masks", "masked_top_images", "nearest_neighbours", "neighbour_factor_distribution",

@@ -197,12 +197,11 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     elif block_dtype.itemsize == 2 and not one_pass:
         raise ValueError(f"block_dtype={block_dtype} needs one_pass: the two-pass step would convert whole blocks "
                          "to dtype at every iteration")
-    given = P.as_blocks(blocks)
-    on_device = given.rebuild([_to_device(x, block_dtype) for x in given.arrays])
-    bl, stats, st = P.check_fit(on_device, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
+    bl, stats, st = P.check_fit(blocks, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
                                 l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                                 block_weights=block_weights, group_F=group_F, example_groups=example_groups,
-                                check_every=check_every, solver=solver)
+                                check_every=check_every, solver=solver,
+                                convert=lambda x: _to_device(x, block_dtype))
     rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
         "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
     weights, groups, n_groups, n = st["weights"], st["example_groups"], st["n_groups"], bl.arrays[0].shape[1]
@@ -283,7 +282,7 @@ def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float 
     if st["example_groups"] is not None and st["group_F"] > 0:
         raise ValueError("transform does not support a fit with example_groups (groups of new examples are unknown)")
     dtype = st["dtype"]
-    bl = P.as_blocks(bl.rebuild([_to_device(x, dtype) for x in bl.arrays]), "new_blocks")
+    bl = bl.map(lambda x: _to_device(x, dtype))
     stats = P.block_stats(bl)
     scaling = _Scaling.of(stats, st["weights"])
     params = scaling.params(st["weights"], st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)

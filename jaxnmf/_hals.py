@@ -140,7 +140,7 @@ def hals_update_F(blocks: Sequence[jax.Array], F: jax.Array, factors: Sequence[j
     G = sum_b w_b W_b^T W_b and R = sum_b w_b W_b^T X_b / s_b (one pass over the data), then the
     exact row minimisers with l2_F, l1_F and the group-lasso threshold group_F / (G_kk + l2_F).
     """
-    R, G = factor_statistics(blocks, factors, params, F.dtype)
+    R, G = factor_statistics(blocks, factors, params)
     return hals_update_F_from(F, R, G, params, groups, n_groups, sweeps=sweeps)
 
 

@@ -20,7 +20,7 @@ c = column sums of W_t * P_t over the tiles.
 
 Blocks may be stored narrower than the factors (``_solver.NarrowBlock``: bfloat16 blocks, float32
 factors): each tile is converted as it is read, so no full-size converted copy exists (the plain
-step would make one per block and pass). Tiles are contiguous rows of about ``TILE_BYTES`` after
+step would make one per block and pass). Tiles are contiguous rows of about ``PASS_TILE_BYTES`` after
 conversion.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ._hals import SWEEPS, hals_update_F_from, hals_update_rows
 from ._solver import (MUState, Params, _dot, _floor, _penalties, factor_statistics, fold_row_tiles, mu_update_F_from,
                       mu_update_rows, tile_rows)
 
-TILE_BYTES = 16 << 20  # rows per tile: about this many bytes of converted data (the fastest of 8 to 64 MB here)
+PASS_TILE_BYTES = 16 << 20  # rows per tile: about this many bytes of converted data (the fastest of 8 to 64 MB here)
 
 
 class PassState(NamedTuple):
@@ -55,7 +55,7 @@ class PassState(NamedTuple):
 
 def with_statistics(blocks: Sequence[jax.Array], state: MUState, params: Params) -> PassState:
     """``state`` with R and G of its block factors (one plain pass over the data)."""
-    R, G = factor_statistics(blocks, state.factors, params, state.F.dtype)
+    R, G = factor_statistics(blocks, state.factors, params)
     return PassState(state.F, tuple(state.factors), R, G)
 
 
@@ -73,7 +73,7 @@ def _block_pass(x, w, F, FFt, weight, scale, l2, l1, update_rows, tile_bytes):
                 WtW + _dot(w_t.T, w_t), c + jnp.sum(w_t * P, axis=0))
 
     init = (w, jnp.zeros((d, n), F.dtype), jnp.zeros((d, d), F.dtype), jnp.zeros((d,), F.dtype))
-    return fold_row_tiles(x, tile_rows(x, n, F.dtype.itemsize, tile_bytes), tile_update, init)
+    return fold_row_tiles(x, tile_rows(x, F.dtype.itemsize, tile_bytes), tile_update, init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ class OnePassStep:
     """
 
     solver: str = "mu"
-    tile_bytes: int = TILE_BYTES
+    tile_bytes: int = PASS_TILE_BYTES
     sweeps: int = SWEEPS
 
     def __call__(self, blocks: Sequence[jax.Array], state: PassState, params: Params, data_sq_norms: jax.Array,

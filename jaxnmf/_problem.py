@@ -7,6 +7,7 @@ Errors name the block or the argument and say what is wrong.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,6 @@ from ._solver import NarrowBlock, fold_row_tiles, tile_rows
 INITS = ("random", "nndsvd", "nndsvda")
 BLOCK_WEIGHTS = ("none", "frobenius")
 _STAT_CHUNK_BYTES = 64 << 20  # NumPy rows are scanned in float64 chunks of about this size
-_DEVICE_TILE_BYTES = 8 << 20  # device blocks in tiles of about this size
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class Blocks:
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(f"block {k!r}" if self.is_mapping else f"block {k}" for k in self.keys)
+
+    def map(self, fn) -> "Blocks":
+        """The same blocks with ``fn`` applied to every array."""
+        return dataclasses.replace(self, arrays=tuple(fn(x) for x in self.arrays))
 
     def rebuild(self, values: Sequence) -> Any:
         """Put one value per block back into the user's container type."""
@@ -112,7 +116,7 @@ def _device_row_stats(x):
     in float32 or wider. Dividing by the largest entry keeps the squares of any finite data in
     range (1e-30 squared underflows float32)."""
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    tile = tile_rows(x, x.shape[1], dtype.itemsize, _DEVICE_TILE_BYTES)
+    tile = tile_rows(x, dtype.itemsize)
 
     def extremes(start, x_t, acc):
         x_t = x_t.astype(dtype)
@@ -146,7 +150,8 @@ def block_stats(blocks: Blocks) -> BlockStats:
     """Check each block is finite and non-negative; return max, squared norm and mean.
 
     NumPy arrays (memory-mapped too) are read in float64 row chunks; JAX arrays and
-    ``NarrowBlock``s are reduced on their device in row tiles (rows in float32 or the array's wider dtype, the totals in float64).
+    ``NarrowBlock``s are reduced on their device in row tiles (rows in float32 or the array's
+    wider dtype, the totals in float64).
     """
     maxs, sq, means = [], [], []
     for label, x in zip(blocks.labels, blocks.arrays):
@@ -270,8 +275,11 @@ SOLVERS = ("mu", "hals")
 
 def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_restarts: Any, l2_F: Any, l2: Any,
               l1_F: Any, l1: Any, unit_columns: Any, block_weights: Any, group_F: Any, example_groups: Any,
-              check_every: Any, solver: Any) -> tuple[Blocks, BlockStats, dict]:
+              check_every: Any, solver: Any, convert=None) -> tuple[Blocks, BlockStats, dict]:
     """Check every ``fit`` argument (shared by ``jaxnmf.fit`` and ``jaxnmf.reference.fit``).
+
+    ``convert`` (``fit``: onto the device) is applied to every block after the cheap checks and
+    before the statistics, which are then taken from the converted blocks.
 
     Returns the flattened blocks, their statistics and the resolved settings: rank, max_iter,
     n_restarts, check_every, tol, solver, init (a name or explicit (F0, [W0_b])), weights (B,),
@@ -293,6 +301,8 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
         init=init, l2=per_block(l2, bl, "l2"), l1=per_block(l1, bl, "l1"), l2_F=scalar(l2_F, "l2_F"),
         l1_F=scalar(l1_F, "l1_F"), group_F=scalar(group_F, "group_F"), example_groups=groups, n_groups=n_groups,
         unit_columns=bool(unit_columns))
+    if convert is not None:
+        bl = bl.map(convert)
     stats = block_stats(bl)
     settings["weights"] = resolve_block_weights(block_weights, bl, stats)
     return bl, stats, settings

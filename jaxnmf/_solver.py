@@ -118,9 +118,13 @@ def row_slice(x, start, size: int):
     return lax.dynamic_slice_in_dim(x, start, size)
 
 
-def tile_rows(x, n_cols: int, itemsize: int, tile_bytes: int) -> int:
-    """Rows per tile so that a tile of ``n_cols`` columns of ``itemsize`` bytes is about ``tile_bytes``."""
-    return int(max(1, min(x.shape[0], tile_bytes // (itemsize * n_cols))))
+TILE_BYTES = 8 << 20  # tiles of the explicit residuals, device statistics and narrow-block products: 8 MB was
+#                       as fast as 32 MB on the paper-like case, with a quarter of the temporaries
+
+
+def tile_rows(x, itemsize: int, tile_bytes: int = TILE_BYTES) -> int:
+    """Rows per tile of block x (rows, N) so that a tile of ``itemsize``-byte entries is about ``tile_bytes``."""
+    return int(max(1, min(x.shape[0], tile_bytes // (itemsize * x.shape[1]))))
 
 
 def fold_row_tiles(x, tile: int, fn, init):
@@ -136,14 +140,13 @@ def fold_row_tiles(x, tile: int, fn, init):
     return acc
 
 
-def factor_statistics(blocks: Sequence[jax.Array], factors: Sequence[jax.Array], params: Params, dtype
+def factor_statistics(blocks: Sequence[jax.Array], factors: Sequence[jax.Array], params: Params
                       ) -> tuple[jax.Array, jax.Array]:
     """What the F update needs from the data, one pass: R = sum_b (w_b / s_b) W_b^T X_b (d, N) and
     G = sum_b w_b W_b^T W_b (d, d); a ``NarrowBlock`` is read tile by tile."""
     R, G = 0, 0
     for b, (x, w) in enumerate(zip(blocks, factors)):
-        wtx = _t_times(x, w).T if isinstance(x, NarrowBlock) else _dot(w.T, x.astype(dtype))
-        R = R + (params.weights[b] / params.data_scale[b]) * wtx
+        R = R + (params.weights[b] / params.data_scale[b]) * _t_times(x, w).T
         G = G + params.weights[b] * _dot(w.T, w)
     return R, G
 
@@ -160,7 +163,7 @@ def mu_update_F_from(F: jax.Array, R: jax.Array, G: jax.Array, params: Params, g
 def update_F(blocks: Sequence[jax.Array], F: jax.Array, factors: Sequence[jax.Array], params: Params,
              groups: jax.Array | None = None, n_groups: int = 1) -> jax.Array:
     """One multiplicative update of F (d, N) with the block factors held fixed (Eq. 3.2, first line)."""
-    R, G = factor_statistics(blocks, factors, params, F.dtype)
+    R, G = factor_statistics(blocks, factors, params)
     return mu_update_F_from(F, R, G, params, groups, n_groups)
 
 
@@ -220,13 +223,9 @@ def mu_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_sq
     return MUState(F, factors), fit + _penalties(F, factors, params, groups, n_groups)
 
 
-_RESIDUAL_TILE_BYTES = 8 << 20  # rows per tile of the explicit residuals (and narrow-block products): 8 MB was as
-#                                   fast as 32 MB on the paper-like case, with a quarter of the temporaries
-
-
 def _residual_sq(x, w: jax.Array, F: jax.Array, data_scale: jax.Array) -> jax.Array:
     """||X / data_scale - W F||_F^2 over tiles of contiguous rows, so no (rows, N) temporary is formed."""
-    tile = tile_rows(x, F.shape[1], F.dtype.itemsize, _RESIDUAL_TILE_BYTES)
+    tile = tile_rows(x, F.dtype.itemsize)
 
     def tile_sq(start, x_t, acc):
         r = x_t.astype(F.dtype) / data_scale - _dot(lax.dynamic_slice_in_dim(w, start, x_t.shape[0]), F)
@@ -312,8 +311,8 @@ def _run_restarts(blocks, carry, params, sq_norms, tol, max_iter, start, groups,
     """``_run`` under ``vmap`` over restarts (the leading axis of ``carry``, donated); data shared.
     ``step_fn`` (static): the step, ``mu_step`` or ``_hals.hals_step``.
 
-    A single restart runs without ``vmap``: a size-1 batch axis made XLA's CPU step about 30%
-    slower (0.34 s against 0.26 s per iteration on the benchmark's paper-like case)."""
+    A single restart runs without ``vmap``: a size-1 batch axis made ``fit`` on the benchmark's
+    paper-like case about 40% slower per iteration on the CPU (0.30 s against 0.21 s)."""
     run = functools.partial(_run, length=length, check_every=check_every, unit_columns=unit_columns,
                             n_groups=n_groups, step_fn=step_fn, exact_checks=exact_checks)
     if carry.n_iter.shape[0] == 1:
@@ -363,7 +362,7 @@ def _times(x, M: jax.Array) -> jax.Array:
     """X M (rows, k) for a block X (rows, N); a ``NarrowBlock`` tile by tile (no full-size copy)."""
     if not isinstance(x, NarrowBlock):
         return _dot(x.astype(M.dtype), M)
-    tile = tile_rows(x, x.shape[1], M.dtype.itemsize, _RESIDUAL_TILE_BYTES)
+    tile = tile_rows(x, M.dtype.itemsize)
     out = jnp.zeros((x.shape[0], M.shape[1]), M.dtype)
     return fold_row_tiles(x, tile, lambda start, x_t, out: lax.dynamic_update_slice_in_dim(
         out, _dot(x_t.astype(M.dtype), M), start, 0), out)
@@ -373,7 +372,7 @@ def _t_times(x, Q: jax.Array) -> jax.Array:
     """X^T Q (N, k) for a block X (rows, N) and Q (rows, k); a ``NarrowBlock`` tile by tile."""
     if not isinstance(x, NarrowBlock):
         return _dot(x.astype(Q.dtype).T, Q)
-    tile = tile_rows(x, x.shape[1], Q.dtype.itemsize, _RESIDUAL_TILE_BYTES)
+    tile = tile_rows(x, Q.dtype.itemsize)
     return fold_row_tiles(x, tile, lambda start, x_t, acc: acc + _dot(
         x_t.astype(Q.dtype).T, lax.dynamic_slice_in_dim(Q, start, x_t.shape[0])),
         jnp.zeros((x.shape[1], Q.shape[1]), Q.dtype))
