@@ -87,7 +87,13 @@ def test_16_bit_blocks_fit_the_rounded_data_like_the_numpy_reference(block_dtype
 
 def test_block_statistics_and_randomised_init_of_16_bit_blocks_match_the_rounded_float32_data():
     rng = np.random.default_rng(4)
-    x = [rng.random((700, 1100)) * 1e-20, rng.random((400, 1100)) * 7]  # 1.2e6 entries: randomised SVD
+    # 1.2e6 entries: the randomised SVD. The compared start must be determined by the data: the
+    # second block is rank 5 with well separated singular values plus faint noise (uniform noise
+    # alone has near-equal trailing singular values, whose vectors any rounding rotates).
+    low_rank = 7 * (rng.random((400, 5)) * [1, 0.6, 0.36, 0.22, 0.13]) @ rng.random((5, 1100))
+    x = [rng.random((700, 1100)) * 1e-20, low_rank + 0.01 * rng.random((400, 1100))]
+    sv = np.linalg.svd(np.vstack(x), compute_uv=False)[:6]
+    assert np.all(sv[1:5] / sv[:4] < 0.7) and sv[5] / sv[4] < 0.01  # the premise: clear spectral gaps
     narrow = [_to_device(b, jnp.bfloat16) for b in x]
     assert all(isinstance(b, NarrowBlock) for b in narrow)
     wide = [jnp.asarray(rounded(b, jnp.bfloat16), jnp.float32) for b in x]
