@@ -5,6 +5,9 @@
 
 Activations only (no pixel blocks) and a group-sparse example factor: the penalty
 2 group_F sum_k ||F[k, :]||_2 switches whole factors off, so the rank is chosen by the data
+(penalties in ``jaxnmf.fit``'s relative units: group_F = 0.05 with l2 = 0.01 kept 8 of 16 factors
+on the default network, relative errors 0.55 / 0.43 / 0.18 on stage3 / stage4 / pool; a value that
+switches every factor off stops the run with an error instead of a report)
 (``--example-groups predicted`` groups examples by the network's own predicted class instead;
 no label of the probe set is used, unlike the authors' code, whose groups were superclasses).
 The report's factor table names the concepts with the probe set's classes; TCAV scores use the
@@ -23,8 +26,8 @@ from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cl
 
 DEFAULTS = RunConfig(
     dataset="shapes", probe_dataset="shapes", train_restrict="shape=circle,square,triangle;colour=red,green,blue",
-    model="resnet18", width=8, n_train=5000, n_test=1200, n_probe=1000, epochs=6, pixels=False, rank=16,
-    iterations=400, group_F=0.02, l2=0.01, tcav=True, out="runs/cross_dataset")
+    model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=6, pixels=False, rank=16,
+    iterations=400, group_F=0.05, l2=0.01, tcav=True, out="runs/cross_dataset")
 CIFAR = dict(dataset="cifar10", probe_dataset="cifar100", train_restrict=None, width=64, n_probe=10_000, epochs=30,
              rank=30, out="runs/cross_dataset_cifar")
 SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=64, rank=6, iterations=30,

@@ -36,8 +36,9 @@ class RunConfig:
 
     variant: "project" (this project's defaults: blocks scaled to unit Frobenius norm, no
     penalties), "paper" (Eq. 3.1 as published: no block weights, no penalties) or "authors"
-    (the authors' code: l2_F = l1_F = 1, unit-norm columns of every W_b, no block weights).
-    ``block_weights``/``l2_F``/... left at None take the variant's values.
+    (the authors' code: l2_F = l1_F = 1, unit-norm columns of every W_b, no block weights, raw
+    penalty units). ``block_weights``/``l2_F``/.../``penalty_units`` left at None take the
+    variant's values; penalties are in ``jaxnmf.fit``'s "relative" units except for "authors".
     """
 
     dataset: str = "shapes"  # what the network is trained on
@@ -67,20 +68,25 @@ class RunConfig:
     l2: float | None = None
     l1: float | None = None
     group_F: float = 0.0  # group-sparse penalty on F (paper Sec. 5); needs l2 > 0 to bite
+    penalty_units: str | None = None  # "relative" or "raw" (jaxnmf.fit); None: the variant's
     example_groups: str = "rows"  # groups of the penalty: "rows" of F, or "predicted" class x factor
     tcav: bool = False
     tcav_layers: tuple[str, ...] | None = None
+    tcav_images: int = 800  # held-out images for TCAV: half choose concepts and train CAVs, half are scored
     data_dir: str | None = None  # CIFAR only
     out: str = "runs/quickstart"
     seed: int = 0
 
     def solver_options(self) -> dict:
         """The ``jaxnmf.fit`` options the variant and the explicit settings give."""
-        base = {"project": dict(block_weights="frobenius", l2_F=0.0, l1_F=0.0, l2=0.0, l1=0.0, unit_columns=False),
-                "paper": dict(block_weights="none", l2_F=0.0, l1_F=0.0, l2=0.0, l1=0.0, unit_columns=False),
-                "authors": dict(block_weights="none", l2_F=1.0, l1_F=1.0, l2=0.0, l1=0.0, unit_columns=True),
+        base = {"project": dict(block_weights="frobenius", l2_F=0.0, l1_F=0.0, l2=0.0, l1=0.0, unit_columns=False,
+                                penalty_units="relative"),
+                "paper": dict(block_weights="none", l2_F=0.0, l1_F=0.0, l2=0.0, l1=0.0, unit_columns=False,
+                              penalty_units="relative"),
+                "authors": dict(block_weights="none", l2_F=1.0, l1_F=1.0, l2=0.0, l1=0.0, unit_columns=True,
+                                penalty_units="raw"),
                 }[self.variant]
-        for name in ("block_weights", "l2_F", "l1_F", "l2", "l1"):
+        for name in ("block_weights", "l2_F", "l1_F", "l2", "l1", "penalty_units"):
             if getattr(self, name) is not None:
                 base[name] = getattr(self, name)
         return base
@@ -113,6 +119,8 @@ def check_config(cfg: RunConfig) -> None:
         fail("solver", f"choose 'mu' or 'hals', got {cfg.solver!r}")
     if cfg.block_dtype not in ("float32", "bfloat16"):
         fail("block_dtype", f"choose 'float32' or 'bfloat16', got {cfg.block_dtype!r}")
+    if cfg.penalty_units not in (None, "relative", "raw"):
+        fail("penalty_units", f"choose 'relative' or 'raw', got {cfg.penalty_units!r}")
     if cfg.block_weights not in (None, "none", "frobenius"):
         fail("block_weights", f"choose 'none' or 'frobenius', got {cfg.block_weights!r}")
     for name in ("width", "n_train", "n_test", "n_probe", "epochs", "batch_size", "rank", "restarts", "iterations"):
@@ -189,6 +197,25 @@ def trained_model(cfg: RunConfig, train: data_lib.Dataset, test: data_lib.Datase
     return model, result.variables, meta
 
 
+def check_not_collapsed(result: jaxnmf.NMFResult, cfg: RunConfig, options: dict) -> None:
+    """Stop the run, before any report, when the fit switched every factor off (F = 0): a report
+    on it would show concepts that are not there. The error names the penalties and a smaller value."""
+    if not result.collapsed:
+        return
+    given = {"group_F": cfg.group_F, **{k: options[k] for k in ("l2", "l1", "l2_F", "l1_F")}}
+    given = {k: v for k, v in given.items() if v > 0}
+    if not given:
+        raise ValueError(f"the fit has no active factor (F = 0) without any penalty: the probe data carry no "
+                         f"signal to factorise; no report written")
+    name = "group_F" if "group_F" in given else max(given, key=given.get)
+    flag = "--" + name.replace("_", "-")
+    others = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in given.items() if k != name)
+    raise ValueError(
+        f"{flag} {given[name]:g} ({options['penalty_units']} units{', with ' + others if others else ''}) switched "
+        f"off all {cfg.rank} factors: F = 0, relative error 1 on every block, so no report is written. "
+        f"Use a smaller value, e.g. {flag} {given[name] / 10:g}.")
+
+
 def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
     """Run the whole method with ``cfg``; return the path of ``report.html``."""
     check_config(cfg)
@@ -228,21 +255,19 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
                         init="random" if cfg.restarts > 1 else "nndsvda", n_restarts=cfg.restarts, progress=True,
                         group_F=cfg.group_F, example_groups=predicted if cfg.example_groups == "predicted" else None,
                         solver=cfg.solver, block_dtype=jnp.dtype(cfg.block_dtype), **options)
-    if cfg.group_F > 0:
-        active = int(np.sum(np.linalg.norm(np.asarray(result.F), axis=1) > 1e-6 * float(np.abs(result.F).max())))
-        print(f"group sparsity: {active} of {cfg.rank} factors active")
-    print(f"{result.n_iter} iterations, objective {result.loss:.4g}, converged {result.converged}")
+    check_not_collapsed(result, cfg, options)
+    print(f"{result.n_iter} iterations, objective {result.loss:.4g}, converged {result.converged}, "
+          f"{result.n_active} of {cfg.rank} factors active")
 
     sections: list[Section] = []
     if cfg.tcav:
-        from experiments import tcav  # imported only when asked for
+        from experiments import validate  # imported only when asked for
         t_tcav = time.perf_counter()
-        tcav_layers = cfg.tcav_layers or tuple(layer for layer in ("stage3", "stage4", "pool4", "pool5")
-                                               if layer in models.LAYERS[cfg.model])[:2]
-        # classes of the network: the true ones when the probe set has them, else its predictions
-        scores = tcav.tcav_scores(model, variables, probe.images[idx], probe.labels[idx] if same_labels else None,
-                                  result.F, tcav_layers, n_concept=min(50, cfg.n_probe // 3), seed=cfg.seed)
-        sections.append(tcav.tcav_section(scores, train.class_names))
+        tcav_layers = cfg.tcav_layers or tuple(layer for layer in ("stage3", "stage4", "pool", "pool4", "pool5")
+                                               if layer in models.LAYERS[cfg.model])[:3]
+        held = validate.held_out_images(probe, idx, train, cfg.tcav_images, same_labels, cfg.seed)
+        sections.append(validate.tcav_step(model, variables, result, capture, layers, cfg.pixels, held, tcav_layers,
+                                           train.class_names, seed=cfg.seed))
         print(f"TCAV on {', '.join(tcav_layers)}: {time.perf_counter() - t_tcav:.0f} s")
 
     # the report reads "variant" as the kind of updates ("paper" or "authors") and shows the rest

@@ -15,7 +15,7 @@ import sys
 from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli
 
 DEFAULTS = RunConfig(
-    dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1200, n_probe=1000, epochs=6,
+    dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=6,
     layers=("stage1:avg", "stage2:avg", "stage3", "stage4", "pool"), rank=12, iterations=300,
     tcav=True, out="runs/quickstart")
 SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=64, rank=4, iterations=20,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,12 @@ from . import _problem as P
 from ._hals import hals_step
 from ._one_pass import OnePassStep, with_statistics
 from ._solver import objective as _objective
-from ._solver import (MUState, NarrowBlock, _initial_carry_restarts, _run_restarts, _run_transform, init_nndsvd,
-                      init_random, make_params, mu_step, objective_restarts, pack_narrow, relative_errors)
+from ._solver import (MUState, NarrowBlock, _initial_carry_restarts, _run_restarts, _run_transform, balance,
+                      init_nndsvd, init_random, make_params, mu_step, objective_restarts, pack_narrow, relative_errors)
 
 _CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
 _STEPS = {"mu": mu_step, "hals": hals_step}
+ACTIVE_TOL = 1e-6  # a factor is active when its part of the fit carries more than this share of S (see NMFResult)
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,14 @@ class NMFResult:
         (||X||^2 - 2 <W, X F^T> + <W^T W, F F^T>: about 1e-4 relative accuracy in float32, less
         once J << sum_b w_b ||X_b||^2, as a converged HALS fit can reach).
       relative_errors: ||X_b - W_b F||_F / ||X_b||_F per block, same container.
-      n_iter: iterations taken; converged: the ``tol`` test was met; finite: no step produced a
-        non-finite objective (such a step is discarded and the fit stops there).
+      n_iter: iterations taken; converged: the ``tol`` test was met and the fit has not collapsed;
+        finite: no step produced a non-finite objective (such a step is discarded and the fit
+        stops there).
+      active: (rank,) bool, factor k is active when its rank-one part carries more than
+        ``ACTIVE_TOL`` (1e-6) of the weighted data:
+        sum_b w_b ||W_b[:, k]||^2 ||F[k]||^2 > 1e-6 S,  S = sum_b w_b ||X_b||^2 (J of F = 0).
+      collapsed: no factor is active (F = 0 or negligible): the penalties outweigh every component
+        (``fit`` then warns and sets ``converged`` False; nothing should be read from F).
       restart_losses: (n_restarts,) final objective of every restart; the best is returned.
       block_weights: w_b used, same container.
       settings: the resolved options (used by ``transform``).
@@ -50,7 +58,54 @@ class NMFResult:
     finite: bool
     restart_losses: np.ndarray
     block_weights: Any
+    active: np.ndarray
+    collapsed: bool
     settings: dict = field(repr=False)
+
+    @property
+    def n_active(self) -> int:
+        """The number of active factors (see ``active``)."""
+        return int(np.sum(self.active))
+
+
+def raw_penalties(st: dict, sq_norms: np.ndarray, rows, n: int) -> dict:
+    """The penalties of J in raw units (Eq. 3.1) from the user's, in ``st["penalty_units"]``.
+
+    st: the settings of ``_problem.check_fit``; sq_norms: (B,) ||X_b||_F^2; rows: (B,) M_b;
+    n: N. Returns l2 (B,), l1 (B,), l2_F, l1_F (floats) and group_F (n_groups,), the weight of
+    each example group's norm. "raw": the values as given (one weight for every group).
+    "relative", with S = sum_b w_b ||X_b||^2, S_b = w_b ||X_b||^2, |g| the size of group g:
+        l2_F = l2_F' S / N,  l1_F = l1_F' S / N,  group_F_g = group_F' S sqrt(|g|) / N,
+        l2_b = l2_b' w_b N,  l1_b = l1_b' w_b ||X_b|| sqrt(N / M_b)
+    (S = 1 when every block is zero). See ``fit`` for what the relative values mean.
+    """
+    w, l2, l1 = (np.asarray(st[k], np.float64) for k in ("weights", "l2", "l1"))
+    groups, n_groups = st["example_groups"], st["n_groups"]
+    if st["penalty_units"] == "raw":
+        return dict(l2=l2, l1=l1, l2_F=st["l2_F"], l1_F=st["l1_F"], group_F=np.full(n_groups, st["group_F"]))
+    sq_norms, rows = np.asarray(sq_norms, np.float64), np.asarray(rows, np.float64)
+    total = float(np.sum(w * sq_norms)) or 1.0
+    sizes = np.full(1, float(n)) if groups is None else np.bincount(groups, minlength=n_groups).astype(np.float64)
+    return dict(l2=l2 * w * n, l1=l1 * w * np.sqrt(sq_norms * n / rows), l2_F=st["l2_F"] * total / n,
+                l1_F=st["l1_F"] * total / n, group_F=st["group_F"] * total * np.sqrt(sizes) / n)
+
+
+def active_factors(F, factors, weights, sq_norms) -> np.ndarray:
+    """(rank,) bool: sum_b w_b ||W_b[:, k]||^2 ||F[k]||^2 > ACTIVE_TOL sum_b w_b ||X_b||^2 (NumPy,
+    float64). F: (rank, N), factors: W_b (rows_b, rank), weights and sq_norms: (B,)."""
+    f2 = np.sum(np.asarray(F, np.float64) ** 2, axis=1)
+    energy = sum(wb * np.sum(np.asarray(w, np.float64) ** 2, axis=0) * f2 for w, wb in zip(factors, weights))
+    total = float(np.sum(np.asarray(weights) * np.asarray(sq_norms)))
+    return energy > ACTIVE_TOL * total if total > 0 else np.zeros(f2.shape, bool)
+
+
+def collapse_message(st: dict) -> str:
+    """The warning of a collapsed fit, naming the penalties that caused it."""
+    given = [f"{k}={np.asarray(st[k]).tolist()}" for k in ("group_F", "l2", "l1", "l2_F", "l1_F")
+             if np.any(np.asarray(st[k]) > 0)]
+    return (f"every factor is zero: no component carries more than {ACTIVE_TOL:g} of the weighted data, so F "
+            f"means nothing. The penalties ({', '.join(given) or 'none'}; penalty_units={st['penalty_units']!r}) "
+            "outweigh every component: use smaller ones (e.g. a tenth). converged is set False.")
 
 
 @dataclass(frozen=True)
@@ -141,14 +196,38 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
         dtype=jnp.float32, check_every: int = 10, progress: bool = False, solver: str = "mu",
-        one_pass: bool | None = None, block_dtype=None) -> NMFResult:
+        one_pass: bool | None = None, block_dtype=None, penalty_units: str = "relative") -> NMFResult:
     """Coupled NMF of blocks X_b ~ W_b F with one shared example factor F (paper Eq. 3.1, 3.2).
 
     Minimises J = sum_b w_b ||X_b - W_b F||^2 + l2_F ||F||^2 + sum_b l2_b ||W_b||^2
-    + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b) + 2 group_F sum_{k,g} ||F[k, g]||_2 over non-negative
+    + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b) + 2 sum_{k,g} group_F_g ||F[k, g]||_2 over non-negative
     factors by multiplicative updates (``solver="mu"``, the paper's Eq. 3.2) or HALS
     (``solver="hals"``, exact coordinate minimisation over rows of F and columns of the W_b), F
-    first, then every W_b, run under ``lax.scan``.
+    first, then every W_b, run under ``lax.scan``. The penalties in J are the raw values that
+    ``penalty_units`` maps the arguments to.
+
+    Penalty units. With S = sum_b w_b ||X_b||^2 (J of the all-zero fit), S_b = w_b ||X_b||^2,
+    M_b the rows of block b, N the examples, |g| the examples in group g (N for whole rows):
+
+    - ``penalty_units="relative"`` (default): the same value means the same on any data, whatever
+      its scale, rows or examples. The raw values are
+          l2_F S / N,  l1_F S / N,  group_F_g = group_F S sqrt(|g|) / N,
+          l2_b w_b N,  l1_b w_b ||X_b|| sqrt(N / M_b),
+      i.e. J / S = sum_b (w_b / S) ||X_b - W_b F||^2 + l2_F mean_n ||F[:, n]||^2
+          + 2 l1_F mean_n sum_k F[k, n] + 2 group_F sum_{k,g} (sqrt(|g|) / N) ||F[k, g]||
+          + sum_b (S_b / S) (l2_b mean_i ||V_b[i]||^2 + 2 l1_b mean_i sum(V_b[i])),
+      V_b = W_b / rms(X_b), rms(X_b) = ||X_b|| / sqrt(M_b N): every penalty is a share of S, F in
+      units of one per entry and W_b in units of the block's root-mean-square entry. Multiplying
+      the data by any factor (or repeating examples or rows) leaves the minimisers' F unchanged.
+      Groups get the group-lasso weight sqrt(|g|), so a large group is not cheaper per example
+      than a small one.
+    - ``"raw"``: the values as given, one weight for every group (J exactly as above with
+      group_F_g = group_F; the authors' variant ``l2_F=1, l1_F=1, unit_columns=True`` is raw).
+
+    ``result.settings["raw_penalties"]`` holds the raw values used (l2, l1 per block, l2_F, l1_F,
+    group_F per group). Before iterating, each component k of the initialisation is rescaled,
+    F_k -> c_k F_k, W_b[:, k] -> W_b[:, k] / c_k, with c_k minimising the penalties (``W b F`` and
+    the fit term unchanged; ``_solver.balance``), except with ``unit_columns``.
 
     Args:
       blocks: sequence or mapping of non-negative 2-D arrays (rows_b, N), same N. The result
@@ -164,8 +243,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         "nndsvd", "random", or explicit ``(F0, factors0)`` in the container of ``blocks``.
       n_restarts: restarts from ``jax.random.split(key, n_restarts)`` (random init only), run
         together under ``vmap``; the one with the lowest final J is returned.
-      l2_F, l1_F, l2, l1: penalties (``l2``/``l1`` one number or one per block). The authors'
-        code is ``l2_F=1, l1_F=1, unit_columns=True``.
+      l2_F, l1_F, l2, l1: penalties (``l2``/``l1`` one number or one per block), in
+        ``penalty_units``. The authors' code is ``l2_F=1, l1_F=1, unit_columns=True``, raw.
       unit_columns: rescale every column of every W_b to unit L2 norm after each update, F
         untouched (authors' code; J may then rise).
       block_weights: "none" (paper), "frobenius" (w_b = 1 / ||X_b||_F^2) or explicit weights.
@@ -186,9 +265,12 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
       solver: "mu" (multiplicative updates, the paper) or "hals" (same objective and options,
         usually far fewer iterations to a given J; see ``jaxnmf._hals``). Both never increase J
         (except with ``unit_columns``).
+      penalty_units: "relative" (default) or "raw": the units of l2_F, l1_F, l2, l1 and group_F
+        (see above).
 
     Returns:
-      ``NMFResult``.
+      ``NMFResult``. When no factor is active (``result.collapsed``) a ``RuntimeWarning`` is
+      issued and ``converged`` is False.
     """
     dtype = _check_dtype(dtype)
     block_dtype = _check_block_dtype(block_dtype, dtype)
@@ -200,17 +282,18 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     bl, stats, st = P.check_fit(blocks, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
                                 l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                                 block_weights=block_weights, group_F=group_F, example_groups=example_groups,
-                                check_every=check_every, solver=solver,
+                                check_every=check_every, solver=solver, penalty_units=penalty_units,
                                 convert=lambda x: _to_device(x, block_dtype))
     rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
         "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
     weights, groups, n_groups, n = st["weights"], st["example_groups"], st["n_groups"], bl.arrays[0].shape[1]
+    arrays = bl.arrays
+    raw = raw_penalties(st, stats.sq_norm, [x.shape[0] for x in arrays], n)
     settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype, block_dtype=block_dtype,
-                    one_pass=bool(one_pass))
+                    one_pass=bool(one_pass), raw_penalties=raw)
 
     scaling = _Scaling.of(stats, weights)
-    params = scaling.params(weights, st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)
-    arrays = bl.arrays
+    params = scaling.params(weights, raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], dtype)
     sq_norms = jnp.asarray(stats.sq_norm / scaling.s ** 2, dtype)
     means = stats.mean / scaling.s
     rows = [x.shape[0] for x in arrays]
@@ -226,6 +309,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
                             fill_zeros=init == "nndsvda", dtype=dtype)
         states = jax.tree.map(lambda a: a[None], state)
     groups_j = None if groups is None else jnp.asarray(groups)
+    if not st["unit_columns"]:
+        states = balance(states, params, groups_j, n_groups)
 
     step_fn = OnePassStep(st["solver"]) if one_pass else _STEPS[st["solver"]]
     if one_pass:
@@ -254,18 +339,25 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     trace = np.concatenate([t[best] for t in traces])[:n_iter] * scaling.c
     state = jax.tree.map(lambda a: a[best], carry.state)
     rel = np.asarray(relative_errors(arrays, state, params.data_scale, sq_norms), np.float64)
+    active = active_factors(state.F, state.factors, np.asarray(params.weights, np.float64),
+                            np.asarray(sq_norms, np.float64))
+    collapsed = not active.any()
+    if collapsed:
+        warnings.warn(collapse_message(st), RuntimeWarning, stacklevel=2)
     return NMFResult(
         F=state.F, loss=float(final[best]), factors=bl.rebuild([w * s for w, s in zip(state.factors, scaling.s)]),
         losses=trace,
         relative_errors=bl.rebuild([float(r) for r in rel]), n_iter=n_iter,
-        converged=bool(carry.converged[best]), finite=bool(carry.finite[best]), restart_losses=final,
-        block_weights=bl.rebuild([float(w) for w in weights]), settings=settings)
+        converged=bool(carry.converged[best]) and not collapsed, finite=bool(carry.finite[best]),
+        restart_losses=final, block_weights=bl.rebuild([float(w) for w in weights]), active=active,
+        collapsed=collapsed, settings=settings)
 
 
 def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float = 1e-5) -> jax.Array:
     """F (rank, N_new) for new examples, the block factors of ``result`` held fixed.
 
-    Solves min_{F >= 0} J(F, W) with the weights and F-penalties of the fit, by multiplicative
+    Solves min_{F >= 0} J(F, W) with the weights and raw F-penalties of the fit
+    (``result.settings["raw_penalties"]``, resolved on the fit's data), by multiplicative
     updates of F alone (Eq. 3.2, first line); stops when ||F_t - F_{t-10}|| / ||F_{t-10}|| < tol.
     ``new_blocks``: the same blocks (container, names, rows) as the fit, any number of columns.
     """
@@ -285,7 +377,8 @@ def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float 
     bl = bl.map(lambda x: _to_device(x, dtype))
     stats = P.block_stats(bl)
     scaling = _Scaling.of(stats, st["weights"])
-    params = scaling.params(st["weights"], st["l2"], st["l1"], st["l2_F"], st["l1_F"], st["group_F"], dtype)
+    raw = st["raw_penalties"]
+    params = scaling.params(st["weights"], raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], dtype)
     arrays = bl.arrays
     factors = tuple(jnp.asarray(w / s, dtype) for w, s in zip(fitted.arrays, scaling.s))
     F0 = jnp.full((st["rank"], arrays[0].shape[1]), float(jnp.mean(result.F)) or 1.0, dtype)
@@ -295,8 +388,10 @@ def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float 
 
 
 def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
-              block_weights: Any = "none", group_F: float = 0.0, example_groups=None) -> jax.Array:
-    """J(F, W) of Eq. 3.1 with penalties (see ``fit``), by explicit residuals, in F's dtype.
+              block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
+              penalty_units: str = "relative") -> jax.Array:
+    """J(F, W) of Eq. 3.1 with penalties (see ``fit``, same arguments and ``penalty_units``), by
+    explicit residuals, in F's dtype.
 
     F: (rank, N); factors: W_b (rows_b, rank) in the container of ``blocks``.
     """
@@ -304,16 +399,21 @@ def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: flo
     fac = P.as_blocks(factors, "factors")
     if fac.keys != bl.keys:
         raise ValueError(f"factors have blocks {list(fac.keys)}, blocks have {list(bl.keys)}")
+    if not isinstance(penalty_units, str) or penalty_units not in P.PENALTY_UNITS:
+        raise ValueError(f"penalty_units must be one of {P.PENALTY_UNITS}, got {penalty_units!r}")
     F = jnp.asarray(F)
     arrays = tuple(jnp.asarray(x, F.dtype) for x in bl.arrays)
+    sq = np.array([float(jnp.sum(x * x)) for x in arrays])
     if isinstance(block_weights, str) and block_weights == "frobenius":
-        sq = np.array([float(jnp.sum(x * x)) for x in arrays])
         weights = np.where(sq > 0, 1.0 / np.where(sq > 0, sq, 1.0), 1.0)
     else:
         weights = P.resolve_block_weights(block_weights, bl, None)
     groups, n_groups = P.check_groups(example_groups, F.shape[1])
-    params = make_params(len(arrays), weights=weights, l2=P.per_block(l2, bl, "l2"), l1=P.per_block(l1, bl, "l1"),
-                         l2_F=P.scalar(l2_F, "l2_F"), l1_F=P.scalar(l1_F, "l1_F"),
-                         group_F=P.scalar(group_F, "group_F"), dtype=F.dtype)
+    st = dict(weights=weights, l2=P.per_block(l2, bl, "l2"), l1=P.per_block(l1, bl, "l1"), l2_F=P.scalar(l2_F, "l2_F"),
+              l1_F=P.scalar(l1_F, "l1_F"), group_F=P.scalar(group_F, "group_F"), example_groups=groups,
+              n_groups=n_groups, penalty_units=penalty_units)
+    raw = raw_penalties(st, sq, [x.shape[0] for x in arrays], F.shape[1])
+    params = make_params(len(arrays), weights=weights, l2=raw["l2"], l1=raw["l1"], l2_F=raw["l2_F"],
+                         l1_F=raw["l1_F"], group_F=raw["group_F"], dtype=F.dtype)
     return _objective(arrays, F, tuple(jnp.asarray(w, F.dtype) for w in fac.arrays), params,
                       None if groups is None else jnp.asarray(groups), n_groups)

@@ -5,7 +5,7 @@ Same objective, factors and ``Params`` as the multiplicative updates (``_solver`
     J(F, W) = sum_b w_b ||X_b - W_b F||_F^2
               + l2_F ||F||_F^2 + sum_b l2_b ||W_b||_F^2
               + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b)
-              + 2 group_F sum_k sum_g ||F[k, g]||_2,      F >= 0, W_b >= 0,
+              + 2 sum_k sum_g group_F_g ||F[k, g]||_2,      F >= 0, W_b >= 0,
 
 X_b: (rows_b, N) (``X_b / data_scale_b`` in ``fit``'s internal units), W_b: (rows_b, d), F: (d, N).
 
@@ -16,17 +16,17 @@ block, the others held fixed. One step, Gauss-Seidel, as MU (F first, then every
 1. Rows of F, all blocks at once, from one pass over the data:
        G = sum_b w_b W_b^T W_b  (d, d),   R = sum_b w_b W_b^T X_b  (d, N).
    For k = 1..d in turn (the other rows at their latest values), J restricted to the row f_k (N,) is
-       (G_kk + l2_F) ||f_k||^2 - 2 <f_k, R_k - sum_{j != k} G_kj f_j - l1_F> + 2 group_F sum_g ||f_k[g]||
-       = a ||f_k - u||^2 + 2 group_F sum_g ||f_k[g]|| + const,
+       (G_kk + l2_F) ||f_k||^2 - 2 <f_k, R_k - sum_{j != k} G_kj f_j - l1_F> + 2 sum_g group_F_g ||f_k[g]||
+       = a ||f_k - u||^2 + 2 sum_g group_F_g ||f_k[g]|| + const,
        a = G_kk + l2_F,   u = (R_k - sum_{j != k} G_kj f_j - l1_F) / a,
    whose minimiser over f_k >= 0 is, group by group (each example group g; g = the whole row when
    no groups are given),
-       f_k[g] = max(0, u[g]) * max(0, 1 - (group_F / a) / ||max(0, u[g])||),
+       f_k[g] = max(0, u[g]) * max(0, 1 - (group_F_g / a) / ||max(0, u[g])||),
    i.e. f_k = max(0, u) when group_F = 0. Why the non-negative part then the group soft threshold
    is exact: write u = u+ - u- (u+ = max(0, u), u- = max(0, -u), u+ . u- = 0). For f >= 0,
    ||f - u||^2 = ||f - u+||^2 + 2 <f, u-> + ||u-||^2 >= ||f - u+||^2 + ||u-||^2, so the constrained
-   minimum is at least the unconstrained minimum of ||f - u+||^2 + 2 (group_F / a) ||f||, which is
-   the group soft threshold (the proximal map of tau ||.||, tau = group_F / a) of u+ above. That
+   minimum is at least the unconstrained minimum of ||f - u+||^2 + 2 (group_F_g / a) ||f||, which is
+   the group soft threshold (the proximal map of tau ||.||, tau = group_F_g / a) of u+ above. That
    point is >= 0 and is zero where u- > 0, so <f, u-> = 0 and it attains the bound.
 
 2. Columns of each W_b, from a second pass over the data:
@@ -84,8 +84,9 @@ SWEEPS = 4  # sweeps over F's rows (W's columns) per pass over the data: see "In
 
 
 def _group_shrink(u: jax.Array, tau: jax.Array, groups: jax.Array | None, n_groups: int) -> jax.Array:
-    """Group soft threshold of u >= 0 (n,): u * max(0, 1 - tau / ||u[g]||) per group g (the whole
-    vector when ``groups`` is None); 0 where ||u[g]|| = 0. Exactly u when tau = 0."""
+    """Group soft threshold of u >= 0 (n,): u * max(0, 1 - tau_g / ||u[g]||) per group g (the whole
+    vector when ``groups`` is None), tau (n_groups,) ((1,) for the whole vector); 0 where
+    ||u[g]|| = 0. Exactly u when tau = 0."""
     sq = u * u
     if groups is None:
         norms = jnp.sqrt(jnp.sum(sq, keepdims=True))  # (1,)
@@ -102,19 +103,20 @@ def _rows_sweep(V: jax.Array, A: jax.Array, B: jax.Array, l2: jax.Array, l1: jax
     exact minimiser over row k (the other rows fixed at their latest values) of
 
         sum_m c_m (V[:, m]^T A V[:, m] - 2 B[:, m] . V[:, m]) + sum_m (l2_m ||V[:, m]||^2 + 2 l1_m sum V[:, m])
-        + 2 group sum_{k,g} ||V[k, g]||,      V >= 0,
+        + 2 sum_{k,g} group_g ||V[k, g]||,      V >= 0,
 
     A (d, d) symmetric PSD, B (d, n), c = ``scale`` (n,) (1 when None), l2, l1 scalars or (n,):
         a = c A_kk + l2,  u = (c (B_k - sum_{j != k} A_kj V_j) - l1) / a       (all (n,)),
         V_k = group_shrink(max(0, u), group / a)      (per example group; see the module docstring).
-    ``group`` (a scalar) needs a scalar a (``scale`` None, scalar l2). Entries with a < tiny are set
+    ``group`` ((n_groups,), one weight per example group, (1,) for whole rows) needs a scalar a
+    (``scale`` None, scalar l2). Entries with a < tiny are set
     to 0 where l1 > 0 or group > 0 and kept otherwise. ``group`` None: no group term.
     """
     d = V.shape[0]
     tiny = jnp.finfo(V.dtype).tiny
     diag = jnp.diagonal(A)
     index = jnp.arange(d)
-    penalised = l1 > 0 if group is None else (l1 > 0) | (group > 0)
+    penalised = l1 > 0 if group is None else (l1 > 0) | jnp.any(group > 0)
 
     def row(k, V):
         a_k = jnp.where(index == k, 0, lax.dynamic_index_in_dim(A, k, 0, keepdims=False))  # (d,) off-diagonal

@@ -271,11 +271,12 @@ def check_positive_int(value: Any, arg: str, *, minimum: int = 1) -> int:
 
 
 SOLVERS = ("mu", "hals")
+PENALTY_UNITS = ("relative", "raw")
 
 
 def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_restarts: Any, l2_F: Any, l2: Any,
               l1_F: Any, l1: Any, unit_columns: Any, block_weights: Any, group_F: Any, example_groups: Any,
-              check_every: Any, solver: Any, convert=None) -> tuple[Blocks, BlockStats, dict]:
+              check_every: Any, solver: Any, penalty_units: Any, convert=None) -> tuple[Blocks, BlockStats, dict]:
     """Check every ``fit`` argument (shared by ``jaxnmf.fit`` and ``jaxnmf.reference.fit``).
 
     ``convert`` (``fit``: onto the device) is applied to every block after the cheap checks and
@@ -283,13 +284,15 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
 
     Returns the flattened blocks, their statistics and the resolved settings: rank, max_iter,
     n_restarts, check_every, tol, solver, init (a name or explicit (F0, [W0_b])), weights (B,),
-    l2 (B,), l1 (B,), l2_F, l1_F, group_F, example_groups ((N,) ints or None), n_groups,
-    unit_columns.
+    l2 (B,), l1 (B,), l2_F, l1_F, group_F (as given, in ``penalty_units``), example_groups ((N,)
+    ints or None), n_groups, unit_columns, penalty_units.
     """
     bl = as_blocks(blocks)
     rank = check_rank(rank, bl)
     if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if not isinstance(penalty_units, str) or penalty_units not in PENALTY_UNITS:
+        raise ValueError(f"penalty_units must be one of {PENALTY_UNITS}, got {penalty_units!r}")
     init = check_init(init, bl, rank)
     n_restarts = check_positive_int(n_restarts, "n_restarts")
     if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
@@ -300,7 +303,7 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
         check_every=check_positive_int(check_every, "check_every"), tol=scalar(tol, "tol"), solver=solver,
         init=init, l2=per_block(l2, bl, "l2"), l1=per_block(l1, bl, "l1"), l2_F=scalar(l2_F, "l2_F"),
         l1_F=scalar(l1_F, "l1_F"), group_F=scalar(group_F, "group_F"), example_groups=groups, n_groups=n_groups,
-        unit_columns=bool(unit_columns))
+        unit_columns=bool(unit_columns), penalty_units=penalty_units)
     if convert is not None:
         bl = bl.map(convert)
     stats = block_stats(bl)

@@ -5,15 +5,16 @@ The objective (paper Eq. 3.1, with the weights and penalties this library adds):
     J(F, W) = sum_b w_b ||X_b - W_b F||_F^2
               + l2_F ||F||_F^2 + sum_b l2_b ||W_b||_F^2
               + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b)
-              + 2 group_F sum_k sum_g ||F[k, g]||_2
+              + 2 sum_k sum_g group_F_g ||F[k, g]||_2
 
 X_b: (rows_b, N) data blocks (pixels of one channel, or one layer's activations), W_b: (rows_b, d)
 block factors, F: (d, N) the example factor shared by every block, g the example groups of the
-group-sparse penalty (the whole row of F when no groups are given).
+group-sparse penalty (the whole row of F when no groups are given), group_F_g its weight per group
+(``fit`` maps its user-facing penalties to these raw values, see ``fit``'s ``penalty_units``).
 
 One step (paper Eq. 3.2, Gauss-Seidel: F first, then every W_b with the new F):
 
-    F   <- F   * (sum_b w_b W_b^T X_b) / (sum_b w_b W_b^T W_b F + l2_F F + l1_F + group_F F / ||F[k, g]||)
+    F   <- F   * (sum_b w_b W_b^T X_b) / (sum_b w_b W_b^T W_b F + l2_F F + l1_F + group_F_g F / ||F[k, g]||)
     W_b <- W_b * (w_b X_b F^T) / (w_b W_b F F^T + l2_b W_b + l1_b)
 
 Each update is the minimiser of a separable quadratic majoriser of J (Lee & Seung; the group
@@ -47,7 +48,8 @@ class MUState(NamedTuple):
 class Params(NamedTuple):
     """Weights and penalties of J, as arrays so that new values never recompile.
 
-    weights, l2, l1: (B,) per block; l2_F, l1_F, group_F: () scalars; data_scale: (B,) the
+    weights, l2, l1: (B,) per block; l2_F, l1_F: () scalars; group_F: (n_groups,) the weight of
+    each example group's norm ((1,) when the groups are the rows of F); data_scale: (B,) the
     step factorises X_b / data_scale_b (``fit`` uses it to keep any data range in floating
     point; 1 otherwise); column_norm: (B,) the column norm kept by ``unit_columns``.
     """
@@ -64,11 +66,12 @@ class Params(NamedTuple):
 
 def make_params(n_blocks: int, *, weights=None, l2=0.0, l1=0.0, l2_F=0.0, l1_F=0.0, group_F=0.0,
                 data_scale=1.0, column_norm=1.0, dtype=jnp.float32) -> Params:
-    """Build ``Params`` from numbers (scalars broadcast to every block)."""
+    """Build ``Params`` from numbers (scalars broadcast to every block; a scalar ``group_F`` is one
+    weight, (1,), for every group, else one per example group)."""
     vec = lambda v: jnp.broadcast_to(jnp.asarray(v, dtype), (n_blocks,))
     sca = lambda v: jnp.asarray(v, dtype)
     return Params(vec(1.0 if weights is None else weights), vec(l2), vec(l1), sca(l2_F), sca(l1_F),
-                  sca(group_F), vec(data_scale), vec(column_norm))
+                  jnp.atleast_1d(jnp.asarray(group_F, dtype)), vec(data_scale), vec(column_norm))
 
 
 def _dot(a, b):
@@ -156,7 +159,10 @@ def mu_update_F_from(F: jax.Array, R: jax.Array, G: jax.Array, params: Params, g
     """Eq. 3.2, first line, given R = sum_b w_b W_b^T X_b (d, N) and G = sum_b w_b W_b^T W_b (d, d)."""
     den = _dot(G, F) + params.l2_F * F + params.l1_F
     norms = _group_norms(F, groups, n_groups)
-    den = den + params.group_F * F / _floor(norms if groups is None else norms[:, groups])
+    if groups is None:
+        den = den + params.group_F[None, :] * F / _floor(norms)
+    else:
+        den = den + params.group_F[groups][None, :] * F / _floor(norms[:, groups])
     return F * R / _floor(den)
 
 
@@ -186,7 +192,7 @@ def _update_factor(x, w, F, FFt, b, params, unit_columns):
 def _penalties(F, factors, params, groups, n_groups):
     """The penalty terms of J at (F, factors)."""
     pen = params.l2_F * jnp.sum(F * F) + 2 * params.l1_F * jnp.sum(F)
-    pen = pen + 2 * params.group_F * jnp.sum(_group_norms(F, groups, n_groups))
+    pen = pen + 2 * jnp.sum(_group_norms(F, groups, n_groups) * params.group_F[None, :])
     for b, w in enumerate(factors):
         pen = pen + params.l2[b] * jnp.sum(w * w) + 2 * params.l1[b] * jnp.sum(w)
     return pen
@@ -444,6 +450,50 @@ def init_random(key, n_examples, rows, means, rank, *, dtype) -> MUState:
     Ws = tuple(jnp.sqrt(m / rank) * jnp.abs(jax.random.normal(k, (r, rank), dtype))
                for k, r, m in zip(keys[1:], rows, means))
     return MUState(F.astype(dtype), tuple(w.astype(dtype) for w in Ws))
+
+
+@functools.partial(jax.jit, static_argnames=("n_groups",))
+def _balance_coefficients(state: MUState, params: Params, groups: jax.Array | None, n_groups: int):
+    """Per component k (d,) of the penalty terms' coefficients under F_k -> c F_k, W_bk -> W_bk / c:
+    (A2, A1, B2, B1) with penalties(c) = A2 c^2 + A1 c + B2 / c^2 + B1 / c (see ``balance``)."""
+    F = state.F
+    A2 = params.l2_F * jnp.sum(F * F, axis=1)
+    group = jnp.sum(_group_norms(F, groups, n_groups) * params.group_F[None, :], axis=1)
+    A1 = 2 * params.l1_F * jnp.sum(F, axis=1) + 2 * group
+    B2 = sum(params.l2[b] * jnp.sum(w * w, axis=0) for b, w in enumerate(state.factors))
+    B1 = sum(2 * params.l1[b] * jnp.sum(w, axis=0) for b, w in enumerate(state.factors))
+    return A2, A1, B2, B1
+
+
+def balance_scales(A2, A1, B2, B1) -> np.ndarray:
+    """argmin_{c > 0} A2 c^2 + A1 c + B2 / c^2 + B1 / c, elementwise (float64 NumPy, any shape).
+
+    The function is strictly convex in c where both sides are penalised (A2 + A1 > 0 and
+    B2 + B1 > 0), so its derivative times c^3, p(c) = 2 A2 c^4 + A1 c^3 - B1 c - 2 B2, changes sign
+    once; c is found by bisection on log c in [-100, 100] (80 halvings). c = 1 elsewhere: a side
+    without penalty gives no finite minimiser."""
+    A2, A1, B2, B1 = (np.asarray(a, np.float64) for a in (A2, A1, B2, B1))
+    ok = (A2 + A1 > 0) & (B2 + B1 > 0)
+    lo, hi = np.full(A2.shape, -100.0), np.full(A2.shape, 100.0)
+    for _ in range(80):
+        t = (lo + hi) / 2
+        c = np.exp(t)
+        rising = 2 * A2 * c ** 4 + A1 * c ** 3 - B1 * c - 2 * B2 > 0
+        hi, lo = np.where(rising, t, hi), np.where(rising, lo, t)
+    return np.where(ok, np.exp((lo + hi) / 2), 1.0)
+
+
+def balance(states: MUState, params: Params, groups: jax.Array | None, n_groups: int) -> MUState:
+    """Rescale every component between F and the W_b so that the penalties are smallest.
+
+    For each restart (leading axis of ``states``) and component k, F_k -> c_k F_k and
+    W_b[:, k] -> W_b[:, k] / c_k for every block leave every product W_b F, hence the fit term of
+    J, unchanged; c_k = ``balance_scales`` minimises the penalties over that rescaling, so J never
+    rises. Without it a component's fate under a group penalty depends on how the initialisation
+    happened to split its scale between W and F, which ignores the penalties."""
+    coefs = jax.vmap(_balance_coefficients, in_axes=(0, None, None, None))(states, params, groups, n_groups)
+    c = jnp.asarray(balance_scales(*jax.device_get(coefs)), states.F.dtype)  # (R, d)
+    return MUState(states.F * c[:, :, None], tuple(w / c[:, None, :] for w in states.factors))
 
 
 @jax.jit

@@ -5,13 +5,17 @@ objective, updates, options and ``fit`` signature, computed in the user's units 
 scaling), one block at a time, with the objective evaluated from explicit residuals in float64.
 
     J = sum_b w_b ||X_b - W_b F||^2 + l2_F ||F||^2 + sum_b l2_b ||W_b||^2
-        + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b) + 2 group_F sum_{k,g} ||F[k, g]||_2
+        + 2 l1_F sum(F) + 2 sum_b l1_b sum(W_b) + 2 sum_{k,g} group_F_g ||F[k, g]||_2
 
-    F   <- F   * (sum_b w_b W_b^T X_b) / (sum_b w_b W_b^T W_b F + l2_F F + l1_F + group_F F / ||F[k, g]||)
+    F   <- F   * (sum_b w_b W_b^T X_b) / (sum_b w_b W_b^T W_b F + l2_F F + l1_F + group_F_g F / ||F[k, g]||)
     W_b <- W_b * (w_b X_b F^T) / (w_b W_b F F^T + l2_b W_b + l1_b)
 
 HALS (``solver="hals"``; maths in ``jaxnmf._hals``): exact minimisation of J over one row of F,
 then one column of one W_b, at a time (``hals_update_F``, ``hals_update_W``, ``hals_step``).
+
+The functions below take raw penalties (group_F: one weight per example group, or one number);
+``fit`` maps the user's values to them (``raw_penalties``, the same mapping as ``jaxnmf.fit``'s
+``penalty_units``) and balances the initial components (``balance``).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _problem as P
-from ._fit import NMFResult
+from ._fit import ACTIVE_TOL, NMFResult
 from ._hals import SWEEPS
 
 
@@ -45,6 +49,12 @@ def group_norm_of_each_entry(F: np.ndarray, groups: np.ndarray | None) -> np.nda
     return out
 
 
+def group_weight_of_each_entry(group_F, groups, n: int) -> np.ndarray:
+    """(N,): the weight group_F_g of example n's group g; ``group_F`` one number or (n_groups,)."""
+    group_F = np.atleast_1d(np.asarray(group_F, np.float64))
+    return np.full(n, group_F[0]) if group_F.size == 1 else group_F[groups]
+
+
 def update_F(X, F, Ws, weights, l2_F, l1_F, group_F=0.0, groups=None):
     """One multiplicative update of F (d, N), the block factors W_b (rows_b, d) held fixed."""
     tiny = np.finfo(F.dtype).tiny
@@ -54,8 +64,9 @@ def update_F(X, F, Ws, weights, l2_F, l1_F, group_F=0.0, groups=None):
         numerator += wb * (w.T @ x)
         denominator += wb * ((w.T @ w) @ F)
     denominator += l2_F * F + l1_F
-    if group_F:
-        denominator += group_F * F / np.maximum(group_norm_of_each_entry(F, groups), tiny)
+    if np.any(np.asarray(group_F) > 0):
+        denominator += (group_weight_of_each_entry(group_F, groups, F.shape[1]) * F
+                        / np.maximum(group_norm_of_each_entry(F, groups), tiny))
     return F * numerator / np.maximum(denominator, tiny)
 
 
@@ -80,7 +91,7 @@ def hals_update_F(X, F, Ws, weights, l2_F, l1_F, group_F=0.0, groups=None, sweep
 
     Row k is replaced by the exact minimiser of J over it, the other rows fixed at their latest
     values:  a = G_kk + l2_F,  u = (R_k - sum_{j != k} G_kj F_j - l1_F) / a,
-    F_k[g] = max(0, u[g]) * max(0, 1 - group_F / (a ||max(0, u[g])||)) for every example group g
+    F_k[g] = max(0, u[g]) * max(0, 1 - group_F_g / (a ||max(0, u[g])||)) for every example group g
     (the whole row when ``groups`` is None), with G = sum_b w_b W_b^T W_b, R = sum_b w_b W_b^T X_b.
     If a = 0 the row is set to 0 when l1_F or group_F > 0, else left as it is.
     """
@@ -89,20 +100,22 @@ def hals_update_F(X, F, Ws, weights, l2_F, l1_F, group_F=0.0, groups=None, sweep
     G = sum(wb * (w.T @ w) for w, wb in zip(Ws, weights))
     R = sum(wb * (w.T @ x) for x, w, wb in zip(X, Ws, weights))
     labels = np.zeros(F.shape[1], int) if groups is None else groups
+    weight = group_weight_of_each_entry(group_F, groups, F.shape[1])
+    grouped = np.any(np.asarray(group_F) > 0)
     F = F.copy()
     for k in list(range(d)) * sweeps:
         others = np.arange(d) != k
         a = G[k, k] + l2_F
         if a < tiny:
-            if l1_F > 0 or group_F > 0:
+            if l1_F > 0 or grouped:
                 F[k] = 0.0
             continue
         u = np.maximum((R[k] - G[k, others] @ F[others] - l1_F) / a, 0.0)
-        if group_F > 0:
+        if grouped:
             for g in np.unique(labels):
                 members = labels == g
-                norm = np.linalg.norm(u[members])
-                u[members] = u[members] * (1.0 - group_F / a / norm) if norm > group_F / a else 0.0
+                norm, tau = np.linalg.norm(u[members]), weight[members][0] / a
+                u[members] = u[members] * (1.0 - tau / norm) if norm > tau else 0.0
         F[k] = u
     return F
 
@@ -149,11 +162,63 @@ def objective_value(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=N
         residual = x.astype(np.float64) - w @ F
         total += wb * np.sum(residual ** 2) + a2 * np.sum(w ** 2) + 2 * a1 * np.sum(w)
     total += l2_F * np.sum(F ** 2) + 2 * l1_F * np.sum(F)
-    if group_F:
+    if np.any(np.asarray(group_F) > 0):
         labels = np.zeros(F.shape[1], int) if groups is None else groups
+        weight = group_weight_of_each_entry(group_F, groups, F.shape[1])
         for g in np.unique(labels):
-            total += 2 * group_F * np.sum(np.sqrt((F[:, labels == g] ** 2).sum(axis=1)))
+            members = labels == g
+            total += 2 * weight[members][0] * np.sum(np.sqrt((F[:, members] ** 2).sum(axis=1)))
     return float(total)
+
+
+def raw_penalties(X, st) -> dict:
+    """Raw penalties (l2, l1 (B,), l2_F, l1_F, group_F (n_groups,)) from the user's, in float64.
+
+    "raw": as given. "relative": with S = sum_b w_b ||X_b||^2 (1 if all blocks are zero), N
+    examples, M_b rows, |g| examples per group: l2_F S / N, l1_F S / N, group_F S sqrt(|g|) / N,
+    l2_b w_b N, l1_b w_b ||X_b|| sqrt(N / M_b) (``jaxnmf.fit``'s ``penalty_units``).
+    """
+    n, n_groups, groups = X[0].shape[1], st["n_groups"], st["example_groups"]
+    if st["penalty_units"] == "raw":
+        return dict(l2=np.asarray(st["l2"]), l1=np.asarray(st["l1"]), l2_F=st["l2_F"], l1_F=st["l1_F"],
+                    group_F=np.full(n_groups, st["group_F"]))
+    norms = np.array([np.linalg.norm(x.astype(np.float64)) for x in X])
+    w = np.asarray(st["weights"], np.float64)
+    S = float(np.sum(w * norms ** 2)) or 1.0
+    sizes = np.array([float(n)]) if groups is None else np.array([np.sum(groups == g) for g in range(n_groups)], float)
+    return dict(l2=np.asarray(st["l2"]) * w * n,
+                l1=np.asarray(st["l1"]) * w * norms * np.sqrt(n / np.array([x.shape[0] for x in X])),
+                l2_F=st["l2_F"] * S / n, l1_F=st["l1_F"] * S / n, group_F=st["group_F"] * S * np.sqrt(sizes) / n)
+
+
+def balance(F, Ws, l2, l1, l2_F, l1_F, group_F=0.0, groups=None):
+    """Rescale each component k, F_k -> c F_k, W_b[:, k] -> W_b[:, k] / c, with c > 0 minimising
+    the penalties A2 c^2 + A1 c + B2 / c^2 + B1 / c (the fit is unchanged). c solves
+    2 A2 c^4 + A1 c^3 - B1 c - 2 B2 = 0, by bisection on log c in [-100, 100]; c = 1 for a
+    component without penalty on the F side or on the W side. Returns (F, Ws) in float64."""
+    F = F.astype(np.float64).copy()
+    Ws = [w.astype(np.float64).copy() for w in Ws]
+    labels = np.zeros(F.shape[1], int) if groups is None else groups
+    weight = group_weight_of_each_entry(group_F, groups, F.shape[1])
+    for k in range(F.shape[0]):
+        f = F[k]
+        A2 = l2_F * f @ f
+        A1 = 2 * l1_F * f.sum() + 2 * sum(weight[labels == g][0] * np.linalg.norm(f[labels == g])
+                                          for g in np.unique(labels))
+        B2 = sum(a2 * w[:, k] @ w[:, k] for w, a2 in zip(Ws, l2))
+        B1 = sum(2 * a1 * w[:, k].sum() for w, a1 in zip(Ws, l1))
+        if not (A2 + A1 > 0 and B2 + B1 > 0):
+            continue
+        lo, hi = -100.0, 100.0
+        for _ in range(80):
+            t = (lo + hi) / 2
+            c = np.exp(t)
+            lo, hi = (lo, t) if 2 * A2 * c ** 4 + A1 * c ** 3 - B1 * c - 2 * B2 > 0 else (t, hi)
+        c = np.exp((lo + hi) / 2)
+        F[k] *= c
+        for w in Ws:
+            w[:, k] /= c
+    return F, Ws
 
 
 def init_nndsvd(X, weights, rank, fill_zeros):
@@ -190,7 +255,8 @@ def init_random(rng, X, rank):
 def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
-        dtype=np.float32, check_every: int = 10, progress: bool = False, solver: str = "mu") -> NMFResult:
+        dtype=np.float32, check_every: int = 10, progress: bool = False, solver: str = "mu",
+        penalty_units: str = "relative") -> NMFResult:
     """Same signature and result as ``jaxnmf.fit``; ``key`` may be an int seed or a jax key.
 
     ``solver``: "mu" (``mu_step``) or "hals" (``hals_step``).
@@ -201,13 +267,14 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     bl, _, st = P.check_fit(blocks, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
                             l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                             block_weights=block_weights, group_F=group_F, example_groups=example_groups,
-                            check_every=check_every, solver=solver)
+                            check_every=check_every, solver=solver, penalty_units=penalty_units)
     dtype = np.dtype(dtype)
     rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
         "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
     step = hals_step if st["solver"] == "hals" else mu_step
     X = [np.asarray(x, dtype) for x in bl.arrays]
-    reg = {k: st[k] for k in ("weights", "l2", "l1", "l2_F", "l1_F", "group_F")} | {"groups": st["example_groups"]}
+    raw = raw_penalties(X, st)
+    reg = dict(raw, weights=st["weights"], groups=st["example_groups"])
     unit_columns = st["unit_columns"]
 
     runs = []
@@ -218,6 +285,8 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
             F, Ws = init_random(np.random.default_rng((_seed(key), restart)), X, rank)
         else:
             F, Ws = init_nndsvd(X, st["weights"], rank, fill_zeros=init == "nndsvda")
+        if not unit_columns:
+            F, Ws = balance(F, Ws, raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], st["example_groups"])
         F, Ws = F.astype(dtype), [w.astype(dtype) for w in Ws]
         losses, converged = [], False
         last_check = objective_value(X, F, Ws, **reg)
@@ -235,11 +304,16 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     final = np.array([r[2][-1] for r in runs])
     F, Ws, losses, converged = runs[int(np.argmin(final))]
     rel = [np.linalg.norm(x - w @ F) / np.linalg.norm(x) if np.any(x) else np.linalg.norm(w @ F) for x, w in zip(X, Ws)]
-    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype)
+    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype, raw_penalties=raw)
+    energy = sum(wb * np.sum(w.astype(np.float64) ** 2, axis=0) for w, wb in zip(Ws, st["weights"]))
+    energy = energy * np.sum(F.astype(np.float64) ** 2, axis=1)
+    total = sum(wb * np.sum(x.astype(np.float64) ** 2) for x, wb in zip(X, st["weights"]))
+    active = energy > ACTIVE_TOL * total if total > 0 else np.zeros(rank, bool)
     return NMFResult(F=F, loss=float(losses[-1]), factors=bl.rebuild(Ws), losses=losses,
-                     relative_errors=bl.rebuild([float(r) for r in rel]), n_iter=len(losses), converged=converged,
-                     finite=bool(np.isfinite(losses).all()), restart_losses=final,
-                     block_weights=bl.rebuild([float(w) for w in st["weights"]]), settings=settings)
+                     relative_errors=bl.rebuild([float(r) for r in rel]), n_iter=len(losses),
+                     converged=converged and bool(active.any()), finite=bool(np.isfinite(losses).all()),
+                     restart_losses=final, block_weights=bl.rebuild([float(w) for w in st["weights"]]),
+                     active=active, collapsed=not active.any(), settings=settings)
 
 
 def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float = 1e-5) -> np.ndarray:
@@ -251,7 +325,8 @@ def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float 
     F = np.full((st["rank"], X[0].shape[1]), float(np.mean(result.F)) or 1.0, st["dtype"])
     previous = F
     for it in range(1, max_iter + 1):
-        F = update_F(X, F, Ws, st["weights"], st["l2_F"], st["l1_F"], st["group_F"], None)
+        raw = st["raw_penalties"]
+        F = update_F(X, F, Ws, st["weights"], raw["l2_F"], raw["l1_F"], raw["group_F"], None)
         if it % 10 == 0:
             if tol > 0 and np.linalg.norm(F - previous) / max(np.linalg.norm(previous), np.finfo(F.dtype).tiny) < tol:
                 break

@@ -68,7 +68,7 @@ def test_bad_options_are_refused_before_any_work(args, message, capsys):
 
 def test_variants_map_to_solver_options():
     assert RunConfig(variant="authors").solver_options() == dict(
-        block_weights="none", l2_F=1.0, l1_F=1.0, l2=0.0, l1=0.0, unit_columns=True)
+        block_weights="none", l2_F=1.0, l1_F=1.0, l2=0.0, l1=0.0, unit_columns=True, penalty_units="raw")
     assert RunConfig(variant="paper", l2_F=0.5).solver_options()["l2_F"] == 0.5
     assert RunConfig().solver_options()["block_weights"] == "frobenius"
     check_config(RunConfig(layers=("stage1:avg", "softmax")))
@@ -97,3 +97,32 @@ def test_cross_dataset_smoke_is_activations_only_and_group_sparse(tmp_path, caps
     assert summary["config"]["group_F"] > 0 and summary["config"]["train_restrict"]
     F = np.load(tmp_path / "factors.npz")["F"]
     assert F.shape == (6, 96)
+
+
+def test_cross_dataset_refuses_a_collapsed_fit_before_any_report(tmp_path, capsys):
+    from experiments import cross_dataset
+    with pytest.warns(RuntimeWarning, match="every factor is zero"), pytest.raises(SystemExit):
+        cross_dataset.main(["--smoke", "--out", str(tmp_path), "--group-F", "1000"])
+    err = capsys.readouterr().err
+    assert "--group-F 1000 (relative units, with --l2 0.01) switched off all 6 factors" in err
+    assert "e.g. --group-F 100" in err
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_pipeline_tcav_on_held_out_images_with_controls(smoke_run, tmp_path):
+    """The pipeline's TCAV step end to end at the smallest size: held-out images, concept sets
+    through transform, negative controls and their verdict in the report and summary.json."""
+    from experiments.pipeline import run
+
+    cfg = RunConfig(dataset="shapes", width=4, n_train=256, n_test=200, n_probe=96, epochs=1, batch_size=64, rank=4,
+                    iterations=20, tcav=True, tcav_images=100, model_path=str(smoke_run / "model"), out=str(tmp_path))
+    html = run(cfg).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    sections = summary["extra_sections"]
+    data = next(iter(sections.values())) if isinstance(sections, dict) else sections[0]
+    data = data.get("data", data)
+    assert data["layers"] == ["stage3", "stage4", "pool"] and data["target"] == "logprob"
+    negative = data["controls"]["negative"]
+    assert negative["sets"] == 200 and negative["tests"] > 0 and "calibrated" in negative["verdict"]
+    assert "negative-control tests" in html
+    assert "100 images of the shapes test split not used in the fit" in html

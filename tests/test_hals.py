@@ -33,7 +33,7 @@ PLAIN = dict()
 PENALTIES = dict(l2_F=0.5, l2=0.1, l1_F=0.2, l1={"b0": 0.0, "b1": 0.3, "b2": 0.05}, block_weights=[1.0, 2.0, 0.5])
 GROUP_ROWS = dict(group_F=2.0, l2=1.0, block_weights="frobenius")
 GROUP_EXAMPLES = dict(group_F=0.3, l2=0.5, example_groups=np.arange(120) % 3)
-AUTHORS = dict(l2_F=1.0, l1_F=1.0, unit_columns=True)
+AUTHORS = dict(l2_F=1.0, l1_F=1.0, unit_columns=True, penalty_units="raw")
 
 
 @pytest.mark.parametrize("dtype,rtol,opts", [
@@ -151,7 +151,7 @@ def test_group_penalty_switches_whole_factors_off_exactly_and_dead_factors_stay_
     # exact zeros, their W columns follow, and the zero denominators that leaves are guarded
     blocks = low_rank_blocks(rank=1)
     res = jaxnmf.fit(blocks, 4, key=KEY, max_iter=ITERS, tol=0, group_F=5.0, l2=1.0, l1_F=0.1, solver="hals",
-                     dtype=np.float64)
+                     penalty_units="raw", dtype=np.float64)
     F = np.asarray(res.F)
     row_norms = np.linalg.norm(F, axis=1)
     assert (row_norms == 0).sum() >= 2 and (row_norms > 0.1 * row_norms.max()).sum() >= 1

@@ -54,7 +54,8 @@ def test_one_pass_step_gives_the_iterates_of_the_plain_step(solver, unit_columns
 def test_fit_with_one_pass_equals_the_plain_fit(solver):
     rng = np.random.default_rng(1)
     blocks = {"a": rng.random((60, 80)), "b": 5 * rng.random((30, 80))}
-    for opts in (dict(l2_F=1.0, l1_F=1.0, unit_columns=True), dict(n_restarts=3, init="random", tol=1e-6)):
+    for opts in (dict(l2_F=1.0, l1_F=1.0, unit_columns=True, penalty_units="raw"),
+                 dict(n_restarts=3, init="random", tol=1e-6)):
         kw = dict(key=KEY, max_iter=40, dtype=jnp.float64, solver=solver, **opts)
         plain, one = jaxnmf.fit(blocks, 5, **kw), jaxnmf.fit(blocks, 5, one_pass=True, **kw)
         assert (one.n_iter, one.converged) == (plain.n_iter, plain.converged)

@@ -28,7 +28,7 @@ def explicit_init(blocks, rank, seed=1):
 SETTINGS = [
     dict(),
     dict(l2_F=0.5, l2=0.1, l1_F=0.2, l1={"b0": 0.0, "b1": 0.3, "b2": 0.05}),
-    dict(l2_F=1.0, l1_F=1.0, unit_columns=True),  # the authors' variant
+    dict(l2_F=1.0, l1_F=1.0, unit_columns=True, penalty_units="raw"),  # the authors' variant
     dict(block_weights="frobenius", l2=[0.1, 0.2, 0.3]),
     dict(group_F=0.5),
     dict(group_F=0.3, example_groups=np.arange(120) % 3),
@@ -56,8 +56,9 @@ def test_nndsvda_init_matches_reference_including_randomised_svd():
     # small: exact SVD; large (M*N > 1e6): randomised SVD with power iterations
     for rows, n in [((30, 50), 100), ((700, 400), 1100)]:
         rng = np.random.default_rng(3)
-        F = rng.random((5, n))
-        blocks = [rng.random((r, 5)) @ F + 0.05 * rng.random((r, n)) for r in rows]
+        # distinct scales per component: singular values well apart, so the init is determined
+        F = rng.random((5, n)) * np.array([1, 0.6, 0.36, 0.22, 0.13])[:, None]
+        blocks = [rng.random((r, 5)) @ F + 0.01 * rng.random((r, n)) for r in rows]
         ours = jaxnmf.fit(blocks, 5, key=KEY, max_iter=1, tol=0, dtype=np.float64)
         ref = reference.fit(blocks, 5, key=0, max_iter=1, tol=0, dtype=np.float64)
         for w, wr in zip(ours.factors, ref.factors):
@@ -123,9 +124,10 @@ def test_loss_is_the_objective_of_the_returned_factors():
     res = jaxnmf.fit(blocks, 4, key=KEY, max_iter=30, dtype=np.float64, **opts)
     assert res.loss == pytest.approx(float(jaxnmf.objective(blocks, res.F, res.factors, **opts)), rel=1e-10)
     weights = [1 / np.sum(x ** 2) for x in blocks.values()]
+    raw = res.settings["raw_penalties"]  # the relative values mapped to Eq. 3.1's (tests/test_penalty_units.py)
     ref = reference.objective_value([np.asarray(x) for x in blocks.values()], np.asarray(res.F),
-                                    [np.asarray(w) for w in res.factors.values()], weights, [0.0] * 3, [0.1] * 3,
-                                    0.3, 0.0, group_F=0.2)
+                                    [np.asarray(w) for w in res.factors.values()], weights, raw["l2"], raw["l1"],
+                                    raw["l2_F"], raw["l1_F"], group_F=raw["group_F"])
     assert res.loss == pytest.approx(ref, rel=1e-10)
     assert res.losses[-1] == pytest.approx(res.loss, rel=1e-8)
 
@@ -141,7 +143,7 @@ def test_containers_and_names_are_kept():
 
 def test_unit_columns_and_frobenius_weights():
     blocks, _ = low_rank_blocks()
-    res = jaxnmf.fit(blocks, 4, key=KEY, max_iter=20, unit_columns=True, l2_F=1.0, l1_F=1.0)
+    res = jaxnmf.fit(blocks, 4, key=KEY, max_iter=20, unit_columns=True, l2_F=1.0, l1_F=1.0, penalty_units="raw")
     for w in res.factors.values():
         np.testing.assert_allclose(np.linalg.norm(np.asarray(w), axis=0), 1.0, rtol=1e-5)
     res = jaxnmf.fit(blocks, 4, key=KEY, max_iter=5, block_weights="frobenius", dtype=np.float64)
@@ -161,12 +163,13 @@ def test_transform_recovers_F_of_the_training_blocks():
 def test_large_group_penalty_switches_whole_factors_off():
     # the penalty needs W bounded (here l2 on W): otherwise F -> F / c, W -> c W escapes it
     blocks, _ = low_rank_blocks(rank=3)
-    res = jaxnmf.fit(blocks, 8, key=KEY, max_iter=300, tol=0, group_F=5.0, l2=1.0)
+    res = jaxnmf.fit(blocks, 8, key=KEY, max_iter=300, tol=0, group_F=5.0, l2=1.0, penalty_units="raw")
     row_norms = np.linalg.norm(np.asarray(res.F), axis=1)
     assert (row_norms < 1e-3 * row_norms.max()).sum() >= 5
     assert (row_norms > 0.1 * row_norms.max()).sum() >= 2
     groups = np.repeat(np.arange(4), 30)
-    res = jaxnmf.fit(blocks, 4, key=KEY, max_iter=300, tol=0, group_F=200.0, l2=1.0, example_groups=groups)
+    res = jaxnmf.fit(blocks, 4, key=KEY, max_iter=300, tol=0, group_F=200.0, l2=1.0, example_groups=groups,
+                     penalty_units="raw")
     F = np.asarray(res.F)
     norms = np.array([[np.linalg.norm(F[k, groups == g]) for g in range(4)] for k in range(4)])
     assert (norms < 1e-3 * norms.max()).sum() >= 4

@@ -1,5 +1,7 @@
-"""TCAV (experiments/tcav.py): derivatives against finite differences, CAVs against scikit-learn,
-the statistics, the report section, and (heavy) the validation on a ResNet-18 trained on shapes."""
+"""TCAV (experiments/tcav.py, tcav_stats.py, tcav_report.py, validate.py): derivatives against
+finite differences, CAVs against scikit-learn, the Monte-Carlo test's calibration (negative
+controls uniform, by a binomial check that fails on a miscalibrated test) and power (a planted
+concept), constant-gradient detection, held-out splits, the report section."""
 import json
 
 import flax.linen as nn
@@ -12,6 +14,9 @@ from matplotlib.figure import Figure
 
 import models
 from experiments import tcav as T
+from experiments import tcav_stats as S
+from experiments import validate
+from experiments.tcav_report import control_verdicts, tcav_section
 from experiments.report import Section
 
 # A two-stage ResNet of width 4 on 8x8 images: compiles in seconds.
@@ -26,6 +31,16 @@ def colour_data(n: int, seed: int):
     images = rng.uniform(0, 0.6, (n, 8, 8, 3)).astype(np.float32)
     images[np.arange(n), :, :, labels] += 0.4
     return images, labels
+
+
+def assert_predictions_equal(classes, logits):
+    """``classes`` are argmax(logits), compared where the top two logits are not near-tied (two
+    computations of a near-tie may round either way); nearly every image must be compared."""
+    logits = np.asarray(logits)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5 * np.abs(logits).max()
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(np.asarray(classes)[clear], np.argmax(logits, axis=1)[clear])
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +73,30 @@ def planted(model, variables, data):
 
 
 @pytest.fixture(scope="module")
-def planted_result(model, planted, data):
-    images, labels = data
-    concept = np.flatnonzero(labels == 0)[:20]
-    return T.tcav(model, planted, images, labels, concept[None], ("stage2", "pool"),
-                  n_random=10, seed=0)
+def planted_result(model, planted):
+    """CAV images and score images disjoint; concept 0 = 20 images of class 0, concept 1 = 20
+    random images; 200 negative controls; positive controls of each class."""
+    cav_images, cav_labels = colour_data(150, seed=3)
+    score_images, score_labels = colour_data(90, seed=4)
+    rng = np.random.default_rng(0)
+    sets = np.stack([np.flatnonzero(cav_labels == 0)[:20], rng.permutation(150)[:20]])
+    held = np.stack([np.flatnonzero(score_labels == 0)[:20], rng.permutation(90)[:20]])
+    positive = {f"class {c}": (np.flatnonzero(cav_labels == c)[20:40], c) for c in range(3)}
+    return T.tcav(model, planted, ("stage1", "pool"), sets, cav_images=cav_images, score_images=score_images,
+                  cav_labels=cav_labels, score_labels=score_labels, heldout_sets=held, names=["red", "random"],
+                  positive_controls=positive, negative_controls=200, n_null=100, n_matched=40, seed=0)
 
 
 def to_float64(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-def finite_differences(model, variables, images, module, directions, h):
-    """Central differences (B, K, C) of the logits along each of ``directions`` (K, *layer
-    shape per image), added to the output of the top-level ``module``."""
+def finite_differences(model, variables, images, module, directions, h, target):
+    """Central differences (B, K, C) of the targets (logits or log-probabilities) along each of
+    ``directions`` (K, *layer shape per image), added to the output of the top-level ``module``."""
 
     @jax.jit
-    def logits(eps, direction):
+    def targets(eps, direction):
         def interceptor(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if context.method_name == "__call__" and context.module.path == (module,):
@@ -82,53 +104,74 @@ def finite_differences(model, variables, images, module, directions, h):
             return out
 
         with nn.intercept_methods(interceptor):
-            return model.apply(variables, images, train=False)
+            logits = model.apply(variables, images, train=False)
+        return jax.nn.log_softmax(logits) if target == "logprob" else logits
 
     h = jnp.float64(h)
-    return np.stack([np.asarray(logits(h, v) - logits(-h, v)) / (2 * float(h))
+    return np.stack([np.asarray(targets(h, v) - targets(-h, v)) / (2 * float(h))
                      for v in jnp.asarray(directions, jnp.float64)], axis=1)
 
 
 # ----------------------------------------------------------------------------- derivatives
+@pytest.mark.parametrize("target", ["logit", "logprob"])
 @pytest.mark.parametrize("layer", ["stage1", "pool"])
-def test_directional_derivatives_equal_finite_differences(model, variables, data, layer):
+def test_directional_derivatives_equal_finite_differences(model, variables, data, layer, target):
     images = data[0][:6]
     v64 = to_float64(variables)  # float64 network after the input cast: exact differences
     shape = models.capture_activations(model, variables, images[:1], [layer])[layer].shape[1:]
     cavs = np.random.default_rng(1).normal(size=(3, int(np.prod(shape))))
     cavs /= np.linalg.norm(cavs, axis=1, keepdims=True)
     module = model.layer_modules()[layer]
-    S = np.asarray(T.directional_derivatives(model, v64, images, layer, cavs))
-    assert S.shape == (6, 3, 3)
-    fd = finite_differences(model, v64, images, module, cavs.reshape(-1, *shape), 1e-5)
-    assert np.abs(fd).max() > 1e-3
-    np.testing.assert_allclose(S, fd, rtol=1e-5, atol=1e-7 * np.abs(fd).max())
-    if layer == "pool":  # logits = pool @ kernel + bias: the derivative is kernel^T v exactly
+    got = np.asarray(T.directional_derivatives(model, v64, images, layer, cavs, target=target))
+    assert got.shape == (6, 3, 3)
+    fd = finite_differences(model, v64, images, module, cavs.reshape(-1, *shape), 1e-5, target)
+    assert np.abs(fd).max() > 1e-4
+    np.testing.assert_allclose(got, fd, rtol=1e-5, atol=1e-7 * np.abs(fd).max())
+    if layer == "pool" and target == "logit":  # logits = pool @ kernel + bias: the derivative is kernel^T v
         kernel = np.asarray(variables["params"]["head"]["kernel"], np.float64)
-        np.testing.assert_allclose(S, np.broadcast_to(cavs @ kernel, S.shape), rtol=1e-5)
+        np.testing.assert_allclose(got, np.broadcast_to(cavs @ kernel, got.shape), rtol=1e-5)
 
 
-def test_one_backward_pass_gives_each_images_own_class_derivative(model, variables, data):
-    """The VJP path of `tcav` (activations and own-class gradients of a batch in one pass)
+@pytest.mark.parametrize("target", ["logit", "logprob"])
+def test_one_backward_pass_gives_each_images_own_class_derivative(model, variables, data, target):
+    """The VJP path of `tcav` (activations and own-class target gradients of a batch in one pass)
     agrees with `models.capture_activations` and with the per-CAV JVPs, in float32."""
     images, labels = data[0][:8], data[1][:8].astype(np.int32)
     layers = ("stage1", "pool")
     modules = tuple(model.layer_modules()[layer] for layer in layers)
     for use_labels in (True, False):
-        acts, grads, classes = T._activations_and_gradients(
-            model, modules, use_labels, variables, jnp.asarray(images), jnp.asarray(labels))
-        logits = model.apply(variables, images, train=False)
-        expected = labels if use_labels else np.argmax(np.asarray(logits), axis=1)
-        np.testing.assert_array_equal(classes, expected)
+        acts, grads, classes = T._activations_and_gradients(model, modules, use_labels, target, variables,
+                                                            jnp.asarray(images), jnp.asarray(labels))
+        if use_labels:
+            np.testing.assert_array_equal(classes, labels)
+        else:
+            assert_predictions_equal(classes, model.apply(variables, images, train=False))
+        classes = np.asarray(classes)
         captured = models.capture_activations(model, variables, images, layers)
         rng = np.random.default_rng(2)
         for layer, a, g in zip(layers, acts, grads):
             np.testing.assert_allclose(a, captured[layer], rtol=1e-6, atol=1e-6)
             cavs = rng.normal(size=(4, int(np.prod(a.shape[1:])))).astype(np.float32)
-            S = np.asarray(T.directional_derivatives(model, variables, images, layer, cavs))
-            own = S[np.arange(8), :, expected]  # (B, K)
+            full = np.asarray(T.directional_derivatives(model, variables, images, layer, cavs, target=target))
+            own = full[np.arange(8), :, classes]  # (B, K)
             projected = np.asarray(g).reshape(8, -1) @ cavs.T
             np.testing.assert_allclose(projected, own, rtol=1e-4, atol=1e-5 * np.abs(own).max())
+
+
+def test_constant_gradient_is_detected_at_the_pooled_layer(model, variables, data):
+    """Global pool then a linear head: the logit's gradient at "pool" (and at the last stage)
+    depends on the class only; the log-probability's does not."""
+    images, labels = data
+    acts, grads, classes = T._layer_arrays(model, variables, ("stage1", "pool"), images, labels.astype(np.int32),
+                                           "logit", 64)
+    assert not T._is_constant(grads[0], classes) and T._is_constant(grads[1], classes)
+    _, grads, classes = T._layer_arrays(model, variables, ("pool",), images, labels.astype(np.int32), "logprob", 64)
+    assert not T._is_constant(grads[0], classes)
+    cav, score = colour_data(60, 5), colour_data(45, 6)
+    r = T.tcav(model, variables, ("stage1", "pool"), [np.arange(10)], cav_images=cav[0], score_images=score[0],
+               target="logit", n_null=19, n_matched=19, negative_controls=0, n_negatives=1)
+    np.testing.assert_array_equal(r.constant_layers, [False, True])
+    assert np.all(np.isnan(r.scores[:, 1])) and not np.any(r.significant[:, 1])
 
 
 # ----------------------------------------------------------------------------- CAVs
@@ -140,8 +183,7 @@ def test_cavs_are_scikit_learns_ridge_classifier_and_point_to_the_positives():
     positives = np.stack([rng.choice(20, n, replace=False) for _ in range(4)])
     negatives = np.stack([rng.choice(np.arange(20, n_images), n, replace=False) for _ in range(4)])
     ridge = 0.1
-    cavs, accuracy = T.compute_cavs(acts, positives, negatives, ridge=ridge)
-    cavs, accuracy = np.asarray(cavs), np.asarray(accuracy)
+    cavs = np.asarray(T.compute_cavs(acts, positives, negatives, ridge=ridge))
     np.testing.assert_allclose(np.linalg.norm(cavs, axis=1), 1, rtol=1e-5)
     for k in range(4):
         X = acts[np.concatenate([positives[k], negatives[k]])].astype(np.float64)
@@ -152,208 +194,245 @@ def test_cavs_are_scikit_learns_ridge_classifier_and_point_to_the_positives():
         w = reference.coef_ / np.linalg.norm(reference.coef_)
         np.testing.assert_allclose(cavs[k], w, atol=2e-5)
         assert w @ (X[:n].mean(axis=0) - X[n:].mean(axis=0)) > 0  # towards the positives
-        # Exact leave-one-out accuracy: refit without each image, same lam.
-        hits = [np.sign(sklearn.linear_model.Ridge(alpha=lam)
-                        .fit(np.delete(X, i, 0), np.delete(y, i)).predict(X[i:i + 1])[0]) == y[i]
-                for i in range(2 * n)]
-        assert accuracy[k] == pytest.approx(np.mean(hits), abs=1e-6)
 
 
 def test_cav_of_constant_activations_is_zero():
-    cavs, _ = T.compute_cavs(np.ones((12, 5), np.float32), [[0, 1, 2]], [[3, 4, 5]])
+    cavs = T.compute_cavs(np.ones((12, 5), np.float32), [[0, 1, 2]], [[3, 4, 5]])
     np.testing.assert_array_equal(np.asarray(cavs), 0)
 
 
-# ----------------------------------------------------------------------------- statistics
-def test_correct_p_values_against_a_plain_reference():
+def test_set_scores_against_plain_loops():
+    rng = np.random.default_rng(1)
+    cross, coefficients, labels = rng.normal(size=(30, 20)), rng.normal(size=(4, 20)), np.arange(30) % 3
+    derivatives = cross @ coefficients.T  # (30, 4)
+    sign = S.set_scores(cross, coefficients, labels, 4, "sign")
+    magnitude = S.set_scores(cross, coefficients, labels, 4, "magnitude")
+    for k in range(4):
+        for c in range(3):
+            s = derivatives[labels == c, k]
+            assert sign[k, c] == pytest.approx(np.mean(s > 0))
+            assert magnitude[k, c] == pytest.approx(s[s > 0].sum() / np.abs(s).sum(), rel=1e-5)
+    assert np.all(np.isnan(sign[:, 3]))  # a class without score images
+
+
+# ----------------------------------------------------------------------------- sets
+def test_random_sets_are_distinct_matched_and_outside_their_positives():
     rng = np.random.default_rng(0)
-    p = rng.uniform(size=(3, 7)) ** 3
-    p[0, 0] = np.nan
-    finite = p[np.isfinite(p)]
-    m = finite.size
-    ranks = np.argsort(np.argsort(finite))  # 0-based rank of each p-value
-    ordered = np.sort(finite)
-    bh = [min(1.0, min(ordered[j] * m / (j + 1) for j in range(r, m))) for r in ranks]
-    corrected = T.correct_p_values(p, "bh")
-    assert np.isnan(corrected[0, 0])
-    np.testing.assert_allclose(corrected[np.isfinite(p)], bh, rtol=1e-12)
-    np.testing.assert_allclose(T.correct_p_values(p, "bonferroni")[np.isfinite(p)],
-                               np.minimum(1, finite * m))
-    assert np.all(corrected[np.isfinite(p)] >= finite)
-    with pytest.raises(ValueError, match="correction"):
-        T.correct_p_values(p, "holm")
+    sets = S.uniform_sets(rng, 50, 200, 10)
+    assert all(len(set(row)) == 10 for row in sets)
+    assert np.bincount(sets.ravel(), minlength=50).min() > 0  # every image can be drawn
+    negatives = S.negative_sets(rng, 50, sets, 3)
+    assert negatives.shape == (200, 3, 10)
+    for row, negs in zip(sets, negatives):
+        assert all(len(set(neg)) == 10 and not set(neg) & set(row) for neg in negs)
+    labels = np.arange(60) % 4
+    concept = np.array([0, 4, 8, 1, 5, 2])  # classes 0, 0, 0, 1, 1, 2
+    matched = S.matched_sets(rng, labels, concept, 50)
+    for row in matched:
+        assert len(set(row)) == 6
+        np.testing.assert_array_equal(np.bincount(labels[row], minlength=4), [3, 2, 1, 0])
 
 
-def test_t_test_degenerate_samples():
-    scores = np.zeros((4, 3, 2))  # (concepts, repeats, classes)
-    null = np.zeros((4, 3, 2))
-    scores[0] = 1.0  # both constant, different: infinite t, p = 0
-    scores[2:, :, 1] = np.nan  # a class without images
-    null[2:, :, 1] = np.nan
-    p = T._t_test(scores, null, equal_var=False)
-    assert p[0, 0] == 0 and p[1, 0] == 1  # equal constants: no evidence, p = 1
-    assert np.isnan(p[2:, 1]).all() and np.isfinite(p[:2]).all()
+def test_concept_sets_refuse_zero_and_constant_factors():
+    F = np.random.default_rng(0).uniform(size=(3, 40))
+    np.testing.assert_array_equal(T.concept_sets_from_factors(F, 5), np.argsort(-F, axis=1)[:, :5])
+    F[1] = 0.0
+    with pytest.raises(ValueError, match=r"F rows \[1\] have no top images"):
+        T.concept_sets_from_factors(F, 5)
+    F[1] = 3.0
+    F[1, :2] = 4.0  # two distinct top values, then a constant: the top 6 are not determined
+    with pytest.raises(ValueError, match=r"F rows \[1\]"):
+        T.concept_sets_from_factors(F, 5)
+    with pytest.raises(ValueError, match="exceeds half"):
+        T.concept_sets_from_factors(np.random.default_rng(1).uniform(size=(2, 9)), 5)
 
 
-# ----------------------------------------------------------------------------- TCAV
-def test_planted_concept_raises_its_class_and_lowers_the_others(planted_result):
+# ----------------------------------------------------------------------------- the test
+def calibration_failures(p_values, alpha_levels=(0.05, 0.1, 0.2, 0.5), threshold=1e-3):
+    """The levels a at which more p-values than a binomial(n, a) allows (one-sided, p < threshold)
+    fall at or below a: a check of "p-values are uniform or conservative" that a miscalibrated test fails."""
+    from scipy import stats as sps
+
+    p = np.asarray(p_values)[np.isfinite(p_values)]
+    return [a for a in alpha_levels
+            if sps.binomtest(int(np.sum(p <= a)), p.size, a, alternative="greater").pvalue < threshold]
+
+
+def test_monte_carlo_p_values_are_uniform_under_exchangeability_and_max_t_controls_the_family():
+    """1000 independent experiments (each its own null of 99 sets): the p-values of exchangeable
+    sets are uniform, max-T holds the family-wise rate over 12 correlated tests of unequal spread."""
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(12, 12))
+    draw = lambda n: (rng.normal(size=(n, 12)) @ mix).reshape(n, 3, 4) * [1, 1, 1, 10]
+    tests = [S.monte_carlo_test(draw(1), draw(99)) for _ in range(1000)]
+    p = np.concatenate([t.p_values for t in tests])  # (1000, 3, 4)
+    family = np.concatenate([t.p_family for t in tests])
+    assert calibration_failures(p[:, 0, 0]) == [] and calibration_failures(p[:, 2, 3]) == []
+    family_rate = np.mean(np.any(family < 0.05, axis=(1, 2)))
+    assert 0.025 < family_rate < 0.075
+    assert np.all(family >= p)
+    assert np.mean(np.any(p < 0.05, axis=(1, 2))) > 0.2  # uncorrected, the family errs far more often
+    # the check fails for anti-conservative p-values, and a shift is found
+    assert calibration_failures(p[:, 0, 0] ** 1.5) != []
+    null = draw(199)
+    shifted = S.monte_carlo_test(draw(50) + 8 * null.std(axis=0), null)
+    assert np.all(shifted.p_family <= 1 / 200 + 1e-12)
+    lo, hi = shifted.interval[..., 0], shifted.interval[..., 1]
+    assert np.all(lo > 0) and np.all(lo <= shifted.effect) and np.all(shifted.effect <= hi)
+
+
+def test_monte_carlo_test_needs_enough_null_sets_and_skips_untestable_cells():
+    with pytest.raises(ValueError, match="at least 19 null sets"):
+        S.monte_carlo_test(np.zeros((1, 1, 2)), np.zeros((10, 1, 2)))
+    null = np.random.default_rng(0).normal(size=(30, 1, 2))
+    null[:, 0, 1] = np.nan  # a class without score images
+    test = S.monte_carlo_test(np.zeros((2, 1, 2)), null)
+    assert np.all(np.isfinite(test.p_values[:, 0, 0])) and np.all(np.isnan(test.p_values[:, 0, 1]))
+
+
+def test_negative_controls_of_a_network_are_calibrated(planted_result):
+    """Random sets tested like concepts on a real (small) network: uniform p-values at every level
+    checked, the verdict says so. (Power is checked on a trained network: the heavy test below.)"""
     r = planted_result
-    for l in range(2):  # stage2 and pool
-        assert r.mean[l, 0, 0] == 1.0 and r.significant[l, 0, 0]
-        assert np.all(r.mean[l, 0, 1:] <= 0.2)
-        assert abs(np.mean(r.null_mean[l]) - 0.5) < 0.25
-    assert np.all(r.cav_accuracy > 0.75)
+    assert calibration_failures(r.negative.p_values) == []
+    verdicts = control_verdicts(r)
+    assert verdicts["negative"]["tests"] == 200 * 2 * 3 and verdicts["negative"]["calibrated"]
+    assert verdicts["negative"]["family_rate"] <= verdicts["negative"]["upper_bound"]
+    assert verdicts["positive"]["cases"] == 3 * 2
+    assert not r.constant_layers.any()
+    # held-out CAV accuracy: the class-0 (red) concept separates its held-out images from the rest
+    assert np.nanmax(r.cav_accuracy[0]) > 0.7 and np.all(r.cav_accuracy[1] < 0.75)
 
 
-def test_tcav_result_shapes_sets_and_p_values(model, variables, data):
+def test_same_seed_same_result(model, planted, data):
     images, labels = data
-    F = np.random.default_rng(0).uniform(size=(4, N))
-    r = T.tcav_scores(model, variables, images, labels, F, ["stage1", "pool"], n_concept=12,
-                      n_random=3, seed=1)
-    L, d, R, C = 2, 4, 3, 3
-    assert r.layers == ("stage1", "pool")
-    assert r.concept_sets.shape == (d, 12)
-    assert r.random_sets.shape == r.null_sets.shape == (d, R, 12)
-    np.testing.assert_array_equal(r.concept_sets, T.concept_sets_from_factors(F, 12))
-    top = F[np.arange(d)[:, None], r.concept_sets]  # the 12 largest of each row, largest first
-    np.testing.assert_array_equal(top, -np.sort(-F, axis=1)[:, :12])
-    for k in range(d):
-        for i in range(R):
-            concept, rand, null = r.concept_sets[k], r.random_sets[k, i], r.null_sets[k, i]
-            assert len(np.unique(np.r_[concept, rand, null])) == 36  # pairwise disjoint
-    assert r.scores.shape == r.null_scores.shape == (L, d, R, C)
-    for x in (r.mean, r.std, r.null_mean, r.null_std, r.p_values, r.p_corrected, r.significant):
-        assert x.shape == (L, d, C)
-    assert r.cav_accuracy.shape == r.null_cav_accuracy.shape == (L, d)
-    for scores in (r.scores, r.null_scores):
-        assert np.all((scores >= 0) & (scores <= 1))
-    assert np.all((r.p_values >= 0) & (r.p_values <= 1))
-    assert np.all((r.p_corrected >= r.p_values) & (r.p_corrected <= 1))
-    np.testing.assert_array_equal(r.significant, r.p_corrected < r.alpha)
-    np.testing.assert_array_equal(r.class_counts, [30, 30, 30])
-    np.testing.assert_array_equal(r.labels, labels)
-    np.testing.assert_allclose(r.mean, r.scores.mean(axis=2))
-
-
-def test_same_seed_same_result_other_seed_other_random_sets(model, variables, data):
-    images, labels = data
-    concept = np.arange(10)[None]
-    run = lambda seed, batch: T.tcav(model, variables, images, labels, concept, "stage2",
-                                     n_random=2, seed=seed, batch_size=batch)
-    a, b, c = run(0, 32), run(0, 90), run(1, 32)
-    for x, y in zip(a, b):
-        if isinstance(x, np.ndarray):
-            np.testing.assert_array_equal(x, y)  # batching changes nothing either
-    assert not np.array_equal(a.random_sets, c.random_sets)
+    kw = dict(cav_images=images[:60], score_images=images[60:], cav_labels=labels[:60], score_labels=labels[60:],
+              n_null=19, n_matched=19, negative_controls=5, n_negatives=2)
+    a = T.tcav(model, planted, "pool", [np.arange(10)], seed=3, **kw)
+    b = T.tcav(model, planted, "pool", [np.arange(10)], seed=3, **kw)
+    c = T.tcav(model, planted, "pool", [np.arange(10)], seed=4, **kw)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.negative.p_values, b.negative.p_values)
+    assert not np.array_equal(a.negative.p_values, c.negative.p_values)
 
 
 def test_labels_none_uses_the_networks_predictions(model, variables, data):
     images, _ = data
-    r = T.tcav(model, variables, images, None, np.arange(10)[None], "pool", n_random=2)
-    predicted = np.argmax(np.asarray(model.apply(variables, images, train=False)), axis=1)
-    np.testing.assert_array_equal(r.labels, predicted)
-    np.testing.assert_array_equal(r.class_counts, np.bincount(predicted, minlength=3))
-    missing = r.class_counts == 0  # a class nobody is predicted as: NaN scores, no test
-    assert np.array_equal(np.isnan(r.p_values[0, 0]), missing)
+    r = T.tcav(model, variables, "pool", [np.arange(10)], cav_images=images[:50], score_images=images[50:],
+               n_null=19, n_matched=19, negative_controls=0, n_negatives=1)
+    logits = np.asarray(model.apply(variables, images[50:], train=False))
+    assert_predictions_equal(r.score_labels, logits)
+    np.testing.assert_array_equal(r.class_counts, np.bincount(r.score_labels, minlength=3))
 
 
 def test_bad_input_raises_clear_errors(model, variables, data):
     images, labels = data
-    F = np.ones((2, N))
+
     def call(**kw):
-        args = [kw.pop(name, default) for name, default in
-                (("images", images), ("labels", labels), ("F", F), ("layers", "pool"))]
-        return T.tcav_scores(model, variables, *args, **{"n_random": 2, "n_concept": 10, **kw})
+        args = dict(cav_images=images[:60], score_images=images[60:], n_null=19, n_matched=19,
+                    negative_controls=0, n_negatives=1)
+        args.update(kw)
+        sets = args.pop("sets", [np.arange(10)])
+        layers = args.pop("layers", "pool")
+        return T.tcav(model, variables, layers, sets, **args)
 
     with pytest.raises(ValueError, match="unknown layer 'stage4'"):
         call(layers="stage4")
-    with pytest.raises(ValueError, match="unknown layer 'softmax'"):
-        call(layers=("pool", "softmax"))
-    with pytest.raises(ValueError, match="F has 89 columns but there are 90 probe images"):
-        call(F=np.ones((2, N - 1)))
-    with pytest.raises(ValueError, match="exceeds a third of the N=90"):
-        call(n_concept=31)
-    with pytest.raises(ValueError, match="labels must lie in"):
-        call(labels=labels + 1)
-    with pytest.raises(ValueError, match=r"labels must be \(90,\)"):
-        call(labels=labels[:-1])
-    with pytest.raises(ValueError, match="n_random"):
-        call(n_random=1)
-    with pytest.raises(ValueError, match="correction"):
-        call(correction="holm")
-    with pytest.raises(ValueError, match="alpha"):
-        call(alpha=1.5)
-    with pytest.raises(ValueError, match="F must be finite"):
-        call(F=np.full((2, N), np.nan))
-    with pytest.raises(ValueError, match="images must be"):
-        call(images=images[0])
-    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\]"):
-        call(images=images * 255)
-    with pytest.raises(ValueError, match="must not repeat an image"):
-        T.tcav(model, variables, images, labels, [[0, 0, 1]], "pool")
     with pytest.raises(ValueError, match="layers must not repeat"):
         call(layers=("pool", "pool"))
+    with pytest.raises(ValueError, match="exceed half of the 60 images"):
+        call(sets=[np.arange(31)])
+    with pytest.raises(ValueError, match="must not repeat an image"):
+        call(sets=[[0, 0, 1]])
+    with pytest.raises(ValueError, match=r"concept_sets must be indices in \[0, 60\)"):
+        call(sets=[[0, 60]])
+    with pytest.raises(ValueError, match=r"score_labels must be \(30,\)"):
+        call(score_labels=labels[:5])
+    with pytest.raises(ValueError, match="cav_labels must lie in"):
+        call(cav_labels=labels[:60] + 1)
+    with pytest.raises(ValueError, match="n_null must be an integer >= 19"):
+        call(n_null=10)
+    with pytest.raises(ValueError, match="target must be one of"):
+        call(target="loss")
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        call(statistic="mean")
+    with pytest.raises(ValueError, match="alpha"):
+        call(alpha=1.5)
+    with pytest.raises(ValueError, match=r"cav_images must lie in \[0, 1\]"):
+        call(cav_images=images[:60] * 255)
+    with pytest.raises(ValueError, match="heldout_sets must hold sets of 10 images"):
+        call(heldout_sets=[np.arange(5)])
+    with pytest.raises(ValueError, match="positive_controls: expected classes"):
+        call(positive_controls={"x": (np.arange(10, 20), 7)})
     with pytest.raises(ValueError, match=r"cavs must be \(K, 8\)"):
         T.directional_derivatives(model, variables, images[:2], "pool", np.ones((1, 7)))
 
 
+# ----------------------------------------------------------------------------- held-out split
+def test_held_out_images_never_reuse_a_fitted_image():
+    from experiments.data import make_shapes
+
+    probe, train = make_shapes(300, seed=0, split="test"), make_shapes(400, seed=0, split="train")
+    fitted = np.arange(0, 300, 2)
+    held = validate.held_out_images(probe, fitted, train, 100, labelled=True, seed=0)
+    key = lambda x: {im.tobytes() for im in x}
+    assert len(held.cav) == len(held.score) == 50
+    assert not key(held.cav) & key(held.score)
+    assert not (key(held.cav) | key(held.score)) & key(probe.images[fitted])
+    assert key(held.cav) <= key(probe.images) and "not used in the fit" in held.source
+    # too few left in the probe split: the training split, said so
+    held = validate.held_out_images(probe, np.arange(280), train, 100, labelled=True, seed=0)
+    assert key(held.cav) <= key(train.images) and "had only 20 left" in held.source
+    with pytest.raises(ValueError, match="--tcav-images"):
+        validate.held_out_images(probe, np.arange(280), train, 100, labelled=False, seed=0)
+
+
 # ----------------------------------------------------------------------------- report
-def test_section_heatmap_and_json_table(planted_result):
-    section = T.tcav_section(planted_result, ["r", "g", "b"], concept_names=["red images"])
+def test_section_reports_controls_findings_and_every_test(planted_result):
+    section = tcav_section(planted_result, ["r", "g", "b"], notes=["a note"])
     assert isinstance(section, Section) and section.title == "TCAV (Figure 6)"
-    assert set(section.figures) == {"tcav_heatmap"}
-    assert isinstance(section.figures["tcav_heatmap"], Figure)
+    assert isinstance(section.figures["tcav"], Figure)
     data = json.loads(json.dumps(section.data, allow_nan=False))
-    assert data["layers"] == ["stage2", "pool"] and data["correction"] == "bh"
-    assert len(data["tests"]) == 2 * 1 * 3
+    assert data["layers"] == ["stage1", "pool"] and data["target"] == "logprob"
+    assert len(data["tests"]) == 2 * 2 * 3
     first = data["tests"][0]
-    assert first["concept"] == "red images" and first["class"] == "r"
-    assert first["p_value"] == pytest.approx(planted_result.p_values[0, 0, 0])
+    assert first["concept"] == "red" and first["class"] == "r"
+    assert first["p_family"] == pytest.approx(planted_result.uniform.p_family[0, 0, 0])
+    assert data["controls"]["negative"]["calibrated"] is True
+    assert "calibrated: " in section.html and "negative-control tests" in section.html
+    assert "positive-control cases" in section.html and "a note" in section.html
     assert data["n_significant"] == int(planted_result.significant.sum())
-    # Only significant scores appear in the HTML table, one row each.
-    assert section.html.count("<td>red images</td>") == data["n_significant"]
-    # Non-significant cells are masked (drawn grey) in the heatmap.
-    image = section.figures["tcav_heatmap"].axes[0].images[0]
-    np.testing.assert_array_equal(np.ma.getmaskarray(image.get_array()),
-                                  ~planted_result.significant[0])
+    assert section.html.count("<td>red</td>") == int(planted_result.significant[0].sum())
+    image = section.figures["tcav"].axes[0].images[0]  # non-significant cells are masked (grey)
+    np.testing.assert_array_equal(np.ma.getmaskarray(image.get_array()), ~planted_result.significant[:, 0])
     with pytest.raises(ValueError, match="class_names"):
-        T.tcav_section(planted_result, ["r", "g"])
+        tcav_section(planted_result, ["r", "g"])
 
 
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.heavy
-def test_shape_concepts_on_a_resnet18_trained_on_shapes():
-    """A ResNet-18 (width 8) trained on `shapes` for 4 epochs (about 1.5 min on 2 CPU cores).
-    F = the one-hot shape attribute, so factor k's concept set is 50 images of shape k: each
-    gets a significant score near 1 for its own class, and low scores for the others on average.
-    """
+def test_controls_on_a_resnet18_trained_on_shapes():
+    """A ResNet-18 (width 8) trained on `shapes` for 4 epochs (minutes on 2 CPU cores). Held-out
+    CAV and score images. Positive controls (50 images of one shape) are significant for their own
+    class with a positive effect in at least 90% of (shape, layer) cases at stage3 and pool;
+    200 negative controls are calibrated at every layer."""
     from experiments.data import make_shapes
 
     train, test = make_shapes(3000, seed=0, split="train"), make_shapes(600, seed=0, split="test")
     model = models.build_model("resnet18", num_classes=6, width=8)
-    config = models.TrainConfig(epochs=4, batch_size=64, learning_rate=0.05, warmup_epochs=1,
-                                crop_padding=0, flip=False)
-    trained = models.train(model, train.images, train.labels, test.images, test.labels, config,
-                           seed=0, progress=False)
-    assert trained.test_accuracy > 0.95
-    probe = make_shapes(600, seed=1, split="test")
-    F = np.eye(6)[probe.attributes["shape"]].T  # (6, N): factor k = "shape is k"
-    r = T.tcav_scores(model, trained.variables, probe.images, probe.labels, F,
-                      ("stage2", "stage3"), n_concept=50, n_random=10, seed=0)
-    assert np.all(probe.attributes["shape"][r.concept_sets] == np.arange(6)[:, None])
-    own = np.stack([np.diagonal(r.mean[l]) for l in range(2)])
-    own_significant = np.stack([np.diagonal(r.significant[l]) for l in range(2)])
-    off = ~np.eye(6, dtype=bool)
-    assert np.all(own >= 0.95) and np.all(own_significant)
+    config = models.TrainConfig(epochs=4, batch_size=64, learning_rate=0.05, warmup_epochs=1, crop_padding=0,
+                                flip=False)
+    trained = models.train(model, train.images, train.labels, test.images, test.labels, config, seed=0,
+                           progress=False)
+    assert trained.test_accuracy > 0.9
+    cav, score = make_shapes(400, seed=1, split="test"), make_shapes(400, seed=2, split="test")
+    rng = np.random.default_rng(0)
+    positive = {f"shape {c}": (rng.permutation(np.flatnonzero(cav.labels == c))[:50], c) for c in range(6)}
+    r = T.tcav(model, trained.variables, ("stage3", "pool"), np.stack([s for s, _ in positive.values()]),
+               cav_images=cav.images, score_images=score.images, cav_labels=cav.labels, score_labels=score.labels,
+               positive_controls=positive, negative_controls=200, seed=0)
+    verdicts = control_verdicts(r)
+    assert verdicts["negative"]["calibrated"], verdicts["negative"]["verdict"]
     for l in range(2):
-        others = r.mean[l][off]
-        assert others.mean() < 0.45
-        # Of the significant scores for other classes, most are low.
-        significant_others = others[r.significant[l][off]]
-        assert np.mean(significant_others < 0.5) > 0.6
-    # The circle concept (factor 0): high for circles, far lower for the other shapes on average,
-    # and significantly low for at least one.
-    for l in range(2):
-        assert own[l, 0] - r.mean[l, 0, 1:].mean() > 0.3
-        assert np.any(r.significant[l, 0, 1:] & (r.mean[l, 0, 1:] < 0.2))
-    assert np.all(r.cav_accuracy > 0.7)
+        assert calibration_failures(r.negative.p_values[:, l]) == []
+    assert verdicts["positive"]["rate"] >= 0.9, verdicts["positive"]
