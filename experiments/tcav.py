@@ -326,9 +326,9 @@ def compute_cavs(activations, positives, negatives, *, ridge: float = 0.1) -> ja
 # ----------------------------------------------------------------------------- TCAV
 def tcav(model, variables, layers, concept_sets, *, cav_images, score_images, cav_labels=None,
          score_labels=None, heldout_sets=None, names: Sequence[str] | None = None,
-         positive_controls: Mapping[str, tuple[Sequence[int], int]] | None = None, negative_controls: int = 200,
-         target: str = "logprob", statistic: str = "cosine", n_null: int = 200, n_matched: int = 100,
-         n_negatives: int = 2, alpha: float = 0.05, ridge: float = 0.1, seed: int = 0,
+         positive_controls: Mapping[str, tuple[Sequence[int], int]] | None = None, negative_controls: int = 300,
+         target: str = "logprob", statistic: str = "cosine", n_null: int = 500, n_matched: int = 100,
+         n_negatives: int = 4, alpha: float = 0.05, ridge: float = 0.1, seed: int = 0,
          batch_size: int = 256) -> TCAVResult:
     """Calibrated TCAV of concept sets (module docstring).
 

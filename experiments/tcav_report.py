@@ -37,8 +37,9 @@ def control_verdicts(result: TCAVResult) -> dict:
     of control sets with any family-wise significant (layer, class) (expected at most alpha).
     All controls share one null sample of M sets, so these shares are not binomial: given the
     null, the true size of a level-alpha Monte-Carlo test is Beta(k, M + 1 - k) distributed,
-    k = floor(alpha (M + 1)). The test is called calibrated when both shares stay below that
-    Beta's 99.5% quantile plus 2.58 binomial standard errors of the number of control sets.
+    k = floor(alpha (M + 1)); the share among n control sets adds binomial noise. The test is
+    called calibrated when both shares stay below alpha plus 2.58 standard deviations of the two
+    together, ``sqrt(var_Beta + alpha (1 - alpha) / n)`` (a one-sided 0.5% check).
     Positive controls: the share of (set, layer) cases, layers not constant, where the set is
     family-wise significant for its expected class with a positive effect.
     """
@@ -51,7 +52,7 @@ def control_verdicts(result: TCAVResult) -> dict:
         k_fam, n_fam = int(np.any(family, axis=(1, 2)).sum()), family.shape[0]
         m = result.negative.n_null
         k = max(int(np.floor(alpha * (m + 1))), 1)
-        upper = float(sps.beta.ppf(0.995, k, m + 1 - k) + 2.58 * np.sqrt(alpha * (1 - alpha) / max(n_fam, 1)))
+        upper = float(alpha + 2.58 * np.sqrt(sps.beta.var(k, m + 1 - k) + alpha * (1 - alpha) / max(n_fam, 1)))
         rate, family_rate = k_raw / max(n_raw, 1), k_fam / max(n_fam, 1)
         calibrated = bool(n_raw and rate <= upper and family_rate <= upper)
         out["negative"] = dict(tests=n_raw, significant=k_raw, rate=rate, sets=n_fam, sets_with_any=k_fam,

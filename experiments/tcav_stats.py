@@ -28,9 +28,10 @@ negative set drawn uniformly from the CAV images outside the set.
 **Test** (`monte_carlo_test`). The statistic of a concept set is compared with its distribution
 over many random sets of the same size, each scored exactly as the concept is (its own random
 negatives): the null hypothesis is that the concept set is exchangeable with such a set.
-Studentised deviations ``z = (T - mean_null) / sd_null`` per (layer, class) give the two-sided
-Monte-Carlo p-value ``(1 + #{j: |z_j| >= |z|}) / (M + 1)``, valid at any M (it is the rank of the
-observed statistic among M + 1 exchangeable ones; ties count against the concept). Family-wise
+Studentised deviations ``z = (T - mean) / sd`` per (layer, class), with the mean and sd of the
+pool of the concept and the M null sets, give the two-sided Monte-Carlo p-value
+``(1 + #{j: |z_j| >= |z|}) / (M + 1)``, valid at any M (it is the rank of the observed statistic
+among M + 1 exchangeable ones, all studentised alike; ties count against the concept). Family-wise
 error over the classes and layers of one concept: single-step max-T (Westfall & Young), the same
 p-value computed from ``max_{l,k} |z_j[l, k]|``, which is valid under any dependence between the
 tests. Two nulls: *uniform* random sets, and *class-matched* random sets with the concept set's
@@ -234,22 +235,37 @@ def monte_carlo_test(observed, null) -> MonteCarloTest:
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: untestable, NaN statistics
         mean, sd = np.nanmean(null, axis=0), np.nanstd(null, axis=0, ddof=1)
         q_low, q_high = np.nanquantile(null, [0.025, 0.975], axis=0)
-    scale = np.where(sd > 0, sd, 1.0)
-    z_null = np.where(testable, np.abs(null - mean) / scale, 0.0)  # (M, L, C)
-    z_obs = np.abs(observed - mean) / scale  # (S, L, C)
-    z_obs = np.where(testable & (sd > 0), z_obs, np.where(np.abs(observed - mean) > 0, np.inf, 0.0))
-    # ties count against the set: |z_j| >= |z| - a rounding margin
-    margin = 1e-9 * np.maximum(z_obs, 1.0)
-    exceed = (z_null[None] >= (z_obs - margin)[:, None]).sum(axis=1)  # (S, L, C)
-    p = (1 + exceed) / (m + 1)
-    max_null = z_null.reshape(m, -1).max(axis=1)  # (M,)
-    p_family = (1 + (max_null[None, None, None, :] >= (z_obs - margin)[..., None]).sum(axis=-1)) / (m + 1)
     untestable = ~testable[None] | ~np.isfinite(observed)
+    p, p_family = np.empty(observed.shape), np.empty(observed.shape)
+    for start in range(0, len(observed), 64):  # (64, M, L, C) at a time
+        rows = slice(start, start + 64)
+        p[rows], p_family[rows] = _ranks(np.where(testable, observed[rows] - mean, 0.0),
+                                         np.where(testable, null - mean, 0.0))
     p[untestable] = np.nan
     p_family[untestable] = np.nan
     interval = np.stack([observed - q_high, observed - q_low], axis=-1)
     return MonteCarloTest(p_values=p, p_family=p_family, null_mean=mean, null_sd=sd,
                           effect=observed - mean, interval=interval, n_null=m)
+
+
+def _ranks(observed, null):
+    """Per-test and max-T p-values of (S, L, C) observed against (M, L, C) null statistics.
+
+    Each observed set is studentised together with the null sets, by the mean and sd of the pool
+    of M + 1 (so all M + 1 are treated alike: exactly exchangeable under the null); ties count
+    against the observed set."""
+    m = null.shape[0]
+    mu = (null.sum(axis=0) + observed) / (m + 1)  # (S, L, C)
+    var = (np.sum(null ** 2, axis=0) + observed ** 2 - (m + 1) * mu ** 2) / m
+    scale = np.sqrt(np.maximum(var, 0))
+    scale = np.where(scale > 1e-12 * np.maximum(np.abs(mu), 1e-300), scale, np.inf)  # a constant pool: z = 0
+    z_null = np.abs(null[None] - mu[:, None]) / scale[:, None]  # (S, M, L, C)
+    z_obs = np.abs(observed - mu) / scale
+    threshold = (z_obs - 1e-9 * np.maximum(z_obs, 1.0))[:, None]
+    p = (1 + np.sum(z_null >= threshold, axis=1)) / (m + 1)
+    max_null = z_null.reshape(*z_null.shape[:2], -1).max(axis=2)  # (S, M)
+    p_family = (1 + np.sum(max_null[:, :, None, None] >= threshold, axis=1)) / (m + 1)
+    return p, p_family
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

@@ -123,6 +123,6 @@ def test_pipeline_tcav_on_held_out_images_with_controls(smoke_run, tmp_path):
     data = data.get("data", data)
     assert data["layers"] == ["stage3", "stage4", "pool"] and data["target"] == "logprob"
     negative = data["controls"]["negative"]
-    assert negative["sets"] == 200 and negative["tests"] > 0 and "calibrated" in negative["verdict"]
+    assert negative["sets"] == 300 and negative["tests"] > 0 and "calibrated" in negative["verdict"]
     assert "negative-control tests" in html
     assert "100 images of the shapes test split not used in the fit" in html
