@@ -70,12 +70,12 @@ class Section:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _jsonable(x):
+def jsonable(x):
     """Plain JSON types from numpy/jax containers; non-finite floats -> None, else str()."""
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (str, bool, type(None))):
         return x
     if isinstance(x, (int, np.integer)) and not isinstance(x, np.bool_):
@@ -85,7 +85,7 @@ def _jsonable(x):
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(x) else None
     if hasattr(x, "__array__"):
-        return _jsonable(np.asarray(x).tolist())
+        return jsonable(np.asarray(x).tolist())
     return str(x)
 
 
@@ -681,7 +681,7 @@ def write_report(
     summary["figures"] = figures.names
 
     (out_dir / "summary.json").write_text(
-        json.dumps(_jsonable(summary), indent=1, allow_nan=False), encoding="utf-8")
+        json.dumps(jsonable(summary), indent=1, allow_nan=False), encoding="utf-8")
     arrays = {"F": F, "labels": probe.labels, "probe_indices": probe_indices, **factors}
     if probe.superlabels is not None:
         arrays["superlabels"] = probe.superlabels

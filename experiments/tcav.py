@@ -399,11 +399,12 @@ def tcav(model, variables, layers, concept_sets, *, cav_images, score_images, ca
                                                           target, batch_size)
 
     # Every set tested, in one stack: concepts, positive controls, negative controls, uniform
-    # null sets, class-matched null sets of each concept and positive control.
+    # null sets, class-matched null sets of each concept (the controls are not matched: a
+    # one-class set's class-matched null is itself).
     rng = np.random.default_rng(seed)
     tested = np.concatenate([concept_sets, positive_sets])
     groups = [tested, stats.uniform_sets(rng, n_b, negative_controls, size), stats.uniform_sets(rng, n_b, n_null, size),
-              *(stats.matched_sets(rng, cav_labels, s, n_matched) for s in tested)]
+              *(stats.matched_sets(rng, cav_labels, s, n_matched) for s in concept_sets)]
     positives = np.concatenate(groups)
     negatives = stats.negative_sets(rng, n_b, positives, n_negatives)  # (K, n_negatives, n)
     flat_positives = np.repeat(positives, n_negatives, axis=0)
@@ -413,37 +414,41 @@ def tcav(model, variables, layers, concept_sets, *, cav_images, score_images, ca
     all_scores = np.full((len(positives), L, C), np.nan)
     cav_accuracy = np.full((d, L), np.nan)
     constant = np.zeros(L, bool)
+    concept_cavs = slice(0, d * n_negatives)  # the concepts' CAVs come first
     for l in range(L):
-        constant[l] = _is_constant(score_grads[l], score_labels)
-        gram = _matmul_t(cav_acts[l], cav_acts[l])
-        coefficients = stats.ridge_coefficients(gram, flat_positives, flat_negatives, ridge)  # (K n_neg, N_b)
+        acts, grads, held_acts = cav_acts[l], score_grads[l], score_acts[l]
+        cav_acts[l] = score_grads[l] = score_acts[l] = None  # the layer's arrays are freed after it
+        constant[l] = _is_constant(grads, score_labels)
+        if constant[l] and heldout_sets is None:
+            continue  # nothing to score or measure at this layer
+        gram = _matmul_t(acts, acts)
+        cavs = concept_cavs if constant[l] else slice(None)  # held-out accuracy needs the concepts' CAVs only
+        coefficients = stats.ridge_coefficients(gram, flat_positives[cavs], flat_negatives[cavs], ridge)
         if not constant[l]:
-            per_cav = stats.set_scores(_matmul_t(score_grads[l], cav_acts[l]), coefficients, score_labels, C,
-                                       statistic, gram=gram,
-                                       gradient_sq_norms=np.sum(np.square(score_grads[l], dtype=np.float64), axis=1))
+            per_cav = stats.set_scores(_matmul_t(grads, acts), coefficients, score_labels, C, statistic, gram=gram,
+                                       gradient_sq_norms=np.sum(np.square(grads, dtype=np.float64), axis=1))
             all_scores[:, l] = per_cav.reshape(len(positives), n_negatives, C).mean(axis=1)
         if heldout_sets is not None:
-            cav_accuracy[:, l] = _heldout_accuracy(gram, _matmul_t(score_acts[l], cav_acts[l]),
-                                                   coefficients[:d * n_negatives], flat_positives[:d * n_negatives],
-                                                   flat_negatives[:d * n_negatives], heldout_sets, n_negatives)
-        score_grads[l] = score_acts[l] = cav_acts[l] = None  # free the layer's arrays
+            cav_accuracy[:, l] = _heldout_accuracy(gram, _matmul_t(held_acts, acts), coefficients[concept_cavs],
+                                                   flat_positives[concept_cavs], flat_negatives[concept_cavs],
+                                                   heldout_sets, n_negatives)
 
     n_t, n_neg_c = len(tested), negative_controls
     observed, negative_scores = all_scores[:n_t], all_scores[n_t:n_t + n_neg_c]
     null = all_scores[n_t + n_neg_c:n_t + n_neg_c + n_null]
-    matched_null = all_scores[n_t + n_neg_c + n_null:].reshape(n_t, n_matched, L, C)
+    matched_null = all_scores[n_t + n_neg_c + n_null:].reshape(d, n_matched, L, C)
     uniform = stats.monte_carlo_test(observed, null)
-    matched = _stack_tests([stats.monte_carlo_test(observed[i:i + 1], matched_null[i]) for i in range(n_t)])
+    matched = _stack_tests([stats.monte_carlo_test(observed[i:i + 1], matched_null[i]) for i in range(d)])
     negative = stats.monte_carlo_test(negative_scores, null) if n_neg_c else None
     concepts, controls = slice(0, d), slice(d, n_t)
-    uniform_c, matched_c = _rows(uniform, concepts), _rows(matched, concepts, per_set_null=True)
+    uniform_c = _rows(uniform, concepts)
     counts = np.bincount(score_labels, minlength=C)
     with np.errstate(invalid="ignore"):
         significant = np.nan_to_num(uniform_c.p_family, nan=1.0) < alpha
-        beats = np.any(np.nan_to_num(matched_c.p_family, nan=1.0) < alpha, axis=(1, 2))
+        beats = np.any(np.nan_to_num(matched.p_family, nan=1.0) < alpha, axis=(1, 2))
     return TCAVResult(
         layers=layers, names=names, target=target, statistic=statistic, concept_sets=concept_sets,
-        scores=observed[concepts], uniform=uniform_c, matched=matched_c, significant=significant,
+        scores=observed[concepts], uniform=uniform_c, matched=matched, significant=significant,
         beats_classes=beats, cav_accuracy=cav_accuracy, constant_layers=constant, negative=negative,
         positive_names=tuple(positive_controls), positive_classes=positive_classes,
         positive_scores=observed[controls] if positive_controls else None,
@@ -461,11 +466,10 @@ def _stack_tests(tests: Sequence[MonteCarloTest]) -> MonteCarloTest:
                           n_null=tests[0].n_null)
 
 
-def _rows(test: MonteCarloTest, rows: slice, per_set_null: bool = False) -> MonteCarloTest:
-    """The tests of some of the sets (and their nulls' statistics when each set has its own)."""
-    null = dict(null_mean=test.null_mean[rows], null_sd=test.null_sd[rows]) if per_set_null else {}
+def _rows(test: MonteCarloTest, rows: slice) -> MonteCarloTest:
+    """The tests of some of the sets (against a null they share)."""
     return test._replace(p_values=test.p_values[rows], p_family=test.p_family[rows], effect=test.effect[rows],
-                         interval=test.interval[rows], **null)
+                         interval=test.interval[rows])
 
 
 def _heldout_accuracy(gram, cross_acts, coefficients, positives, negatives, heldout_sets, n_negatives):

@@ -3,6 +3,7 @@ then which concepts matter to which classes, a heatmap and a calibration plot.""
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Sequence
 
 import matplotlib
@@ -10,24 +11,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats as sps
 
-from experiments.report import Section
+from experiments.report import Section, jsonable
 from experiments.tcav import TCAVResult
 
 __all__ = ["control_verdicts", "tcav_section"]
-
-
-def _json(x):
-    """NumPy numbers and arrays as JSON values; NaN and Inf become None."""
-    if isinstance(x, np.ndarray):
-        return [_json(v) for v in x.tolist()] if x.ndim else _json(x.item())
-    if isinstance(x, (list, tuple)):
-        return [_json(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    x = float(x)
-    return x if np.isfinite(x) else None
 
 
 def control_verdicts(result: TCAVResult) -> dict:
@@ -70,7 +57,7 @@ def control_verdicts(result: TCAVResult) -> dict:
         found = (np.nan_to_num(own_p, nan=1.0) < alpha) & (own_effect > 0)
         out["positive"] = dict(cases=int(found.size), found=int(found.sum()),
                                rate=float(found.mean()) if found.size else float("nan"),
-                               per_layer={result.layers[l]: _json(found[:, i].mean()) for i, l in enumerate(layers)},
+                               per_layer={result.layers[l]: float(found[:, i].mean()) for i, l in enumerate(layers)},
                                verdict=(f"{int(found.sum())} of {found.size} positive-control cases "
                                         f"(class-defining sets, layers) significant for their own class "
                                         f"with a positive effect"))
@@ -135,29 +122,26 @@ def tcav_section(result: TCAVResult, class_names: Sequence[str], title: str = "T
                         f"{'beats' if result.beats_classes[k] else 'does not beat'} the class-matched null</li>")
         for l, layer in enumerate(result.layers):
             for j, cls in enumerate(class_names):
-                entry = dict(concept=name, layer=layer, **{"class": cls},
-                             score=_json(result.scores[k, l, j]), null_mean=_json(result.uniform.null_mean[l, j]),
-                             effect=_json(result.uniform.effect[k, l, j]),
-                             interval=_json(result.uniform.interval[k, l, j]),
-                             p_value=_json(result.uniform.p_values[k, l, j]),
-                             p_family=_json(result.uniform.p_family[k, l, j]),
-                             matched_null_mean=_json(result.matched.null_mean[k, l, j]),
-                             matched_p_family=_json(result.matched.p_family[k, l, j]),
-                             significant=bool(result.significant[k, l, j]))
-                tests.append(entry)
-                if entry["significant"]:
-                    rows.append(entry)
-    rows.sort(key=lambda e: (e["concept"], e["layer"], -abs(e["effect"])))
+                tests.append(jsonable(dict(
+                    concept=name, layer=layer, **{"class": cls}, score=result.scores[k, l, j],
+                    null_mean=result.uniform.null_mean[l, j], effect=result.uniform.effect[k, l, j],
+                    interval=result.uniform.interval[k, l, j], p_value=result.uniform.p_values[k, l, j],
+                    p_family=result.uniform.p_family[k, l, j], matched_null_mean=result.matched.null_mean[k, l, j],
+                    matched_p_family=result.matched.p_family[k, l, j], significant=result.significant[k, l, j])))
+    rows = [e for e in tests if e["significant"]]
+    shown = sorted(sorted(rows, key=lambda e: -abs(e["effect"]))[:60], key=lambda e: (e["concept"], e["layer"]))
     table = "".join(
         f"<tr><td>{html.escape(e['concept'])}</td><td>{html.escape(e['layer'])}</td><td>{html.escape(e['class'])}"
         f'</td><td class="num">{e["score"]:.2f}</td><td class="num">{e["null_mean"]:.2f}</td>'
         f'<td class="num">{e["effect"]:+.2f} [{e["interval"][0]:+.2f}, {e["interval"][1]:+.2f}]</td>'
         f'<td class="num">{e["p_family"]:.3f}</td>'
         f'<td class="num">{"-" if e["matched_p_family"] is None else format(e["matched_p_family"], ".3f")}</td></tr>'
-        for e in rows[:60])
-    accuracy = "".join(f"<tr><td>{html.escape(layer)}</td><td class=\"num\">"
-                       f"{np.nanmean(result.cav_accuracy[:, l]) if np.isfinite(result.cav_accuracy[:, l]).any() else float('nan'):.2f}"
-                       "</td></tr>" for l, layer in enumerate(result.layers))
+        for e in shown)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no held-out sets: all NaN
+        mean_accuracy = np.nanmean(result.cav_accuracy, axis=0)
+    accuracy = "".join(f'<tr><td>{html.escape(layer)}</td><td class="num">{a:.2f}</td></tr>'
+                       for layer, a in zip(result.layers, mean_accuracy))
     statistic = {"cosine": f"the mean rate at which the class's {result.target} rises along the unit CAV, relative "
                            "to the size of its gradient (in [-1, 1])",
                  "sign": f"the share of the class's score images whose {result.target} rises along the CAV",
@@ -186,17 +170,13 @@ fires by chance; the positive controls (sets of one class) show that it finds wh
 Held-out accuracy of the concept CAVs (a concept's own score images against the other score images;
 0.5 is chance):</p>
 <table><thead><tr><th>layer</th><th>CAV accuracy</th></tr></thead><tbody>{accuracy}</tbody></table>"""
-    data = dict(layers=list(result.layers), class_names=class_names, concepts=list(result.names),
-                target=result.target, statistic=result.statistic, n_concept=int(n_concept),
-                n_null=result.uniform.n_null, n_matched=result.matched.n_null, n_negatives=result.n_negatives,
-                alpha=result.alpha, constant_layers=constant, class_counts=_json(result.class_counts),
-                cav_accuracy={layer: _json(result.cav_accuracy[:, l]) for l, layer in enumerate(result.layers)},
-                beats_classes=dict(zip(result.names, _json(result.beats_classes))),
-                controls=_json_tree(verdicts), n_significant=len(rows), tests=tests)
+    data = jsonable(dict(layers=result.layers, class_names=class_names, concepts=result.names,
+                         target=result.target, statistic=result.statistic, n_concept=n_concept,
+                         n_null=result.uniform.n_null, n_matched=result.matched.n_null,
+                         n_negatives=result.n_negatives, alpha=result.alpha, constant_layers=constant,
+                         class_counts=result.class_counts,
+                         cav_accuracy={layer: result.cav_accuracy[:, l] for l, layer in enumerate(result.layers)},
+                         beats_classes=dict(zip(result.names, result.beats_classes)), controls=verdicts,
+                         n_significant=len(rows)))
+    data["tests"] = tests
     return Section(title, text, {"tcav": _figure(result, class_names)}, data)
-
-
-def _json_tree(x):
-    if isinstance(x, dict):
-        return {k: _json_tree(v) for k, v in x.items()}
-    return x if isinstance(x, str) else _json(x)

@@ -59,6 +59,7 @@ __all__ = [
     "negative_sets",
     "ridge_coefficients",
     "set_scores",
+    "undetermined_rows",
     "uniform_sets",
 ]
 
@@ -93,14 +94,20 @@ def concept_sets_from_factors(F, n_concept: int) -> np.ndarray:
     if 2 * n_concept > F.shape[1]:
         raise ValueError(f"n_concept={n_concept} exceeds half of the N={F.shape[1]} images "
                          "(a negative set of its size must fit outside it)")
-    order = np.argsort(-F, axis=1, kind="stable")
-    top = np.take_along_axis(F, order[:, :n_concept + 1], axis=1)
-    flat = np.flatnonzero(top[:, -2] - top[:, -1] <= 1e-12 * np.maximum(np.abs(top[:, 0]), 1e-300))
+    flat = undetermined_rows(F, n_concept)
     if flat.size:
         raise ValueError(f"F rows {flat.tolist()} have no top images: their {n_concept}-th and {n_concept + 1}-th "
                          "largest entries are equal (a zero, constant or too sparse factor), so a concept set "
                          "would be arbitrary")
-    return order[:, :n_concept].astype(np.int64)
+    return np.argsort(-F, axis=1, kind="stable")[:, :n_concept].astype(np.int64)
+
+
+def undetermined_rows(F, n_concept: int) -> np.ndarray:
+    """Indices of the rows of F (d, N) whose ``n_concept``-th and ``(n_concept + 1)``-th largest
+    values are equal (up to 1e-12 of the row's largest): rows whose top set F does not determine."""
+    F = np.asarray(F, np.float64)
+    top = -np.sort(-F, axis=1)[:, :n_concept + 1]
+    return np.flatnonzero(top[:, -2] - top[:, -1] <= 1e-12 * np.maximum(np.abs(top[:, 0]), 1e-300))
 
 
 def uniform_sets(rng: np.random.Generator, n_images: int, n_sets: int, size: int) -> np.ndarray:

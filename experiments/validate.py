@@ -20,6 +20,7 @@ from experiments import tcav as T
 from experiments.matrices import build_blocks
 from experiments.report import Section
 from experiments.tcav_report import tcav_section
+from experiments.tcav_stats import undetermined_rows
 
 __all__ = ["HeldOut", "held_out_images", "tcav_step"]
 
@@ -72,14 +73,8 @@ def tcav_step(model, variables, result, capture, layers, pixels: bool, held: Hel
     n_concept = min(n_concept, len(held.cav) // 3)
     F_cav = _transformed(result, held.cav, capture, layers, pixels)
     F_score = _transformed(result, held.score, capture, layers, pixels)
-    tested, skipped = [], []
-    for k in range(F_cav.shape[0]):
-        try:
-            T.concept_sets_from_factors(F_cav[k:k + 1], n_concept)
-            T.concept_sets_from_factors(F_score[k:k + 1], n_concept)
-            tested.append(k)
-        except ValueError:
-            skipped.append(k)
+    skipped = sorted(set(undetermined_rows(F_cav, n_concept)) | set(undetermined_rows(F_score, n_concept)))
+    tested = [k for k in range(F_cav.shape[0]) if k not in skipped]
     if not tested:
         raise ValueError("TCAV: every factor is zero or constant on the held-out images; nothing to test")
     notes = [f"Held-out images: {held.source}; {len(held.cav)} CAV images, {len(held.score)} score images."]
@@ -92,8 +87,8 @@ def tcav_step(model, variables, result, capture, layers, pixels: bool, held: Hel
             if len(members) >= n_concept:
                 positive[f"class {class_names[c]}"] = (np.random.default_rng(seed + c).permutation(members)[:n_concept],
                                                        c)
-    scores = T.tcav(model, variables, tcav_layers, T.concept_sets_from_factors(F_cav[tested], n_concept),
-                    cav_images=held.cav, score_images=held.score, cav_labels=held.cav_labels,
-                    score_labels=held.score_labels, heldout_sets=T.concept_sets_from_factors(F_score[tested], n_concept),
-                    names=[f"factor {k}" for k in tested], positive_controls=positive, seed=seed)
+    scores = T.tcav_factors(model, variables, tcav_layers, F_cav[tested], cav_images=held.cav,
+                            score_images=held.score, F_score=F_score[tested], n_concept=n_concept,
+                            cav_labels=held.cav_labels, score_labels=held.score_labels,
+                            names=[f"factor {k}" for k in tested], positive_controls=positive, seed=seed)
     return tcav_section(scores, class_names, notes=notes)
