@@ -19,6 +19,7 @@ shapes it never saw?
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 
@@ -37,6 +38,9 @@ SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=
 def main(argv=None) -> None:
     parser = parser_for("python -m experiments.cross_dataset", __doc__, DEFAULTS)
     parser.add_argument("--cifar", action="store_true", help="CIFAR-10 network probed with CIFAR-100")
+    parser.add_argument("--studies", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the sparsity path and, with --train-restrict, the seen/unseen table with its "
+                             "three controls (one more network is trained)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.cifar:
@@ -44,7 +48,13 @@ def main(argv=None) -> None:
                                           if getattr(cfg, k) == getattr(DEFAULTS, k)})
     if args.smoke:
         cfg = dataclasses.replace(cfg, **SMOKE)
-    run_cli(parser, cfg, extra_notes=[
+    studies = []
+    if args.studies:
+        from experiments import section5
+        studies.append(section5.sparsity_path())
+        if cfg.train_restrict:
+            studies.append(section5.seen_unseen)
+    run_cli(parser, cfg, studies=studies, extra_notes=[
         "Cross-dataset study: activations only, group-sparse F "
         f"(group_F = {cfg.group_F}, groups = {cfg.example_groups}); network trained on {cfg.dataset}"
         + (f" restricted to {cfg.train_restrict}" if cfg.train_restrict else "")

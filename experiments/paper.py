@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
+from experiments._atomic import savefig_atomic  # noqa: E402
 from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli  # noqa: E402
 
 DEFAULTS = RunConfig(dataset="cifar100", model="resnet18", width=64, n_probe=10_000, epochs=30, batch_size=128,
@@ -39,7 +40,7 @@ def eigenvalue_figure(summaries: dict[str, dict], path: Path) -> None:
         ax.set_title(f"{model}: mean of top-{summary['neurons']['top_eig_k']} eigenvalues")
         ax.set_xlabel("layer (shallow to deep)")
         ax.set_ylabel("mean eigenvalue (1 = independent concepts)")
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
 
 
 def main(argv=None) -> None:

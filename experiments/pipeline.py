@@ -4,7 +4,9 @@
 scripts only choose defaults and parse options. Every run writes one folder (``config.out``):
 ``report.html`` and its files (see ``experiments.report``), ``model/`` (the trained network,
 its training data and test accuracy) and ``checkpoints/`` (orbax, one per epoch: a killed run
-resumes training from the last one when started again with the same options).
+resumes training from the last one when started again with the same options). ``run.json`` holds
+the run's options and ``"complete": true`` once every result is written (``experiments.run_folder``:
+a folder of another run is refused unless ``--overwrite``); every file is written atomically.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,8 @@ import numpy as np
 import jaxnmf
 import models
 from experiments import data as data_lib
+from experiments import run_folder
+from experiments._atomic import write_text_atomic
 from experiments.matrices import build_blocks
 from experiments.report import Section, write_report
 
@@ -50,7 +54,7 @@ class RunConfig:
     n_test: int = 1200  # shapes only
     n_probe: int = 1000
     epochs: int = 6
-    train_preset: str = "fast"  # or "authors" (shared/notes/method.md)
+    train_preset: str = "fast"  # or "authors" (docs/method.md)
     batch_size: int = 64
     model_path: str | None = None  # load this trained model (models.save_model) instead of training
     layers: tuple[str, ...] | None = None  # default: the authors' layers of the model
@@ -75,6 +79,7 @@ class RunConfig:
     tcav_images: int = 800  # held-out images for TCAV: half choose concepts and train CAVs, half are scored
     data_dir: str | None = None  # CIFAR only
     out: str = "runs/quickstart"
+    overwrite: bool = False  # replace a run of other options in ``out`` (and its network if that differs)
     seed: int = 0
 
     def solver_options(self) -> dict:
@@ -174,6 +179,11 @@ def load_data(cfg: RunConfig) -> tuple[data_lib.Dataset, data_lib.Dataset, data_
     return train, test, probe
 
 
+# the options ``trained_model``'s network depends on (the run folder's ``model/`` and ``checkpoints/``)
+NETWORK_OPTIONS = ("dataset", "train_restrict", "model", "width", "n_train", "n_test", "epochs", "train_preset",
+                   "batch_size", "seed", "model_path")
+
+
 def trained_model(cfg: RunConfig, train: data_lib.Dataset, test: data_lib.Dataset, out: Path):
     """Load ``cfg.model_path`` or train (resuming from ``out/checkpoints``) and save to ``out/model``."""
     if cfg.model_path is not None:
@@ -205,8 +215,8 @@ def check_not_collapsed(result: jaxnmf.NMFResult, cfg: RunConfig, options: dict)
     given = {"group_F": cfg.group_F, **{k: options[k] for k in ("l2", "l1", "l2_F", "l1_F")}}
     given = {k: v for k, v in given.items() if v > 0}
     if not given:
-        raise ValueError(f"the fit has no active factor (F = 0) without any penalty: the probe data carry no "
-                         f"signal to factorise; no report written")
+        raise ValueError("the fit has no active factor (F = 0) without any penalty: the probe data carry no "
+                         "signal to factorise; no report written")
     name = "group_F" if "group_F" in given else max(given, key=given.get)
     flag = "--" + name.replace("_", "-")
     others = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in given.items() if k != name)
@@ -216,12 +226,30 @@ def check_not_collapsed(result: jaxnmf.NMFResult, cfg: RunConfig, options: dict)
         f"Use a smaller value, e.g. {flag} {given[name] / 10:g}.")
 
 
-def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
-    """Run the whole method with ``cfg``; return the path of ``report.html``."""
+@dataclasses.dataclass(frozen=True)
+class FittedRun:
+    """What a run has built by the time it fits, for studies that add report sections
+    (``run(..., studies=...)``): the network, the probe images (``probe.images[probe_indices]``),
+    the blocks as fitted and the fit."""
+
+    cfg: RunConfig
+    out: Path
+    model: Any
+    variables: dict
+    probe: data_lib.Dataset
+    probe_indices: np.ndarray
+    blocks: dict
+    result: jaxnmf.NMFResult
+
+
+def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
+        studies: Sequence[Callable[[FittedRun], Section]] = ()) -> Path:
+    """Run the whole method with ``cfg``; return the path of ``report.html``. Each of ``studies``
+    is called with the ``FittedRun`` after the fit and returns a section of the report."""
     check_config(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    run_folder.start(out, dataclasses.asdict(cfg), network_options=NETWORK_OPTIONS, overwrite=cfg.overwrite)
     train, test, probe = load_data(cfg)
     if cfg.n_probe > len(probe):
         raise ValueError(f"--n-probe: {cfg.n_probe} probe images but the probe split has {len(probe)}")
@@ -245,8 +273,7 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
         else:
             blocks[name] = jax.device_put(blocks[name])
     pixel_blocks = [name for name in blocks if name.startswith("pixels")]
-    predicted = np.concatenate([np.argmax(np.asarray(capture(probe.images[idx[i:i + 256]])["softmax"]), axis=1)
-                                for i in range(0, len(idx), 256)])
+    predicted = predicted_classes(capture, probe.images[idx])
 
     options = cfg.solver_options()
     print(f"fitting rank {cfg.rank} to {len(blocks)} blocks ({sum(b.shape[0] for b in blocks.values())} rows x "
@@ -260,18 +287,21 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
           f"{result.n_active} of {cfg.rank} factors active")
 
     sections: list[Section] = []
+    fitted = FittedRun(cfg, out, model, variables, probe, idx, blocks, result)
+    sections += [study(fitted) for study in studies]
     if cfg.tcav:
         from experiments import validate  # imported only when asked for
         t_tcav = time.perf_counter()
         tcav_layers = cfg.tcav_layers or tuple(layer for layer in ("stage3", "stage4", "pool", "pool4", "pool5")
                                                if layer in models.LAYERS[cfg.model])[:3]
         held = validate.held_out_images(probe, idx, train, cfg.tcav_images, same_labels, cfg.seed)
+        groups_of = (lambda images: predicted_classes(capture, images)) if cfg.example_groups == "predicted" else None
         sections.append(validate.tcav_step(model, variables, result, capture, layers, cfg.pixels, held, tcav_layers,
-                                           train.class_names, seed=cfg.seed))
+                                           train.class_names, seed=cfg.seed, groups_of=groups_of))
         print(f"TCAV on {', '.join(tcav_layers)}: {time.perf_counter() - t_tcav:.0f} s")
 
     # the report reads "variant" as the kind of updates ("paper" or "authors") and shows the rest
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and k != "overwrite"}
     config.update(options, layers=list(layers), preset=cfg.variant, variant="authors" if cfg.variant == "authors"
                   else "paper", trained_on=meta.get("dataset"), model_test_accuracy=meta.get("test_accuracy"))
     notes = [*extra_notes, f"Network test accuracy: {meta.get('test_accuracy', float('nan')):.3f} "
@@ -284,9 +314,16 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
                           pixel_blocks=pixel_blocks, layer_blocks=[b for b in blocks if b not in pixel_blocks],
                           top_eig_k=min(_TOP_EIG_K[cfg.model], cfg.rank),
                           n_neighbours=min(30, cfg.n_probe - 1), extra_sections=sections, notes=notes)
-    (out / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    write_text_atomic(out / "timing.json", json.dumps({"seconds": time.perf_counter() - t0}))
+    run_folder.finish(out, dataclasses.asdict(cfg))
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return report
+
+
+def predicted_classes(capture, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(n,) the network's predicted class of each image; ``capture`` returns at least "softmax"."""
+    return np.concatenate([np.argmax(np.asarray(capture(images[i:i + batch_size])["softmax"]), axis=1)
+                           for i in range(0, len(images), batch_size)])
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
@@ -307,6 +344,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     for name in ("layers", "tcav_layers"):
         values[name] = tuple(values[name]) if values[name] else None
+    for name in ("train_restrict", "probe_dataset"):  # an empty value on the command line means none
+        values[name] = values[name] or None
     return RunConfig(**values)
 
 
@@ -318,10 +357,11 @@ def parser_for(prog: str, doc: str, defaults: RunConfig) -> argparse.ArgumentPar
     return parser
 
 
-def run_cli(parser: argparse.ArgumentParser, cfg: RunConfig, *, extra_notes: Sequence[str] = ()) -> Path:
+def run_cli(parser: argparse.ArgumentParser, cfg: RunConfig, *, extra_notes: Sequence[str] = (),
+            studies: Sequence[Callable[[FittedRun], Section]] = ()) -> Path:
     """``run(cfg)``, turning a refused option into the parser's usage error; prints the report path."""
     try:
-        report = run(cfg, extra_notes=extra_notes)
+        report = run(cfg, extra_notes=extra_notes, studies=studies)
     except ValueError as err:
         parser.error(str(err))
     print(f"report: {report}")

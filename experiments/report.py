@@ -10,6 +10,9 @@
 - ``factors.npz``: ``F`` (d, N), every block factor under its block name (rows_b, d),
   ``labels`` (N,), ``superlabels`` (N,) when the dataset has them, and ``probe_indices`` (N,).
 
+Every file is written atomically (``experiments._atomic``), ``report.html`` last: a reader never
+finds half a file, and a folder with ``report.html`` holds every other file of the report.
+
 Other features add a section through :class:`Section`.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ from jaxnmf.analysis import (
     neuron_similarity,
     similarity_eigenvalues,
 )
+from experiments._atomic import savefig_atomic, savez_atomic, write_text_atomic
 
 __all__ = ["Section", "write_report"]
 
@@ -124,16 +128,16 @@ class _Figures:
 
     def save(self, fig: Figure, name: str) -> str:
         path = self.folder / f"{name}.png"
-        fig.savefig(path, dpi=100)
+        data = savefig_atomic(fig, path, dpi=100)
         self.names.append(path.name)
-        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _img(uri: str, alt: str, css: str = "figure") -> str:
     return f'<img class="{css}" src="{uri}" alt="{html.escape(alt)}">'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]],
            numeric: Sequence[int] = ()) -> str:
     """HTML table; header cells are escaped, row cells are trusted HTML; the columns in
     ``numeric`` are right-aligned."""
@@ -332,7 +336,7 @@ class _Probe:
 def _intro_section(config, notes, probe: _Probe, dataset_size: int, d: int,
                    pixel_blocks, layer_blocks) -> str:
     n, height, width, channels = probe.images.shape
-    settings = _table(["setting", "value"], [[html.escape(str(k)), html.escape(str(v))]
+    settings = html_table(["setting", "value"], [[html.escape(str(k)), html.escape(str(v))]
                                              for k, v in config.items()])
     notes_html = "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
     return f"""
@@ -371,7 +375,8 @@ def _fit_section(result, factors, kinds, figures: _Figures) -> tuple[str, dict]:
         spread.update(best=best, median=np.median(restart_losses), worst=restart_losses.max(),
                       relative_spread=(restart_losses.max() - best) / best if best > 0 else None)
     summary = {"loss": float(result.loss), "n_iter": int(result.n_iter),
-               "converged": bool(result.converged),
+               "converged": bool(result.converged), "finite": bool(result.finite),
+               "n_active": int(result.n_active), "active": [bool(a) for a in result.active],
                "relative_errors": dict(result.relative_errors), "losses": losses,
                "restart_losses": restart_losses, "restart_spread": spread}
     error_rows = [[html.escape(b), kinds.get(b, "other"), str(factors[b].shape[0]),
@@ -381,9 +386,11 @@ def _fit_section(result, factors, kinds, figures: _Figures) -> tuple[str, dict]:
 <code>||X_b - W_b F|| / ||X_b||</code> says how much of each block the concepts leave
 unexplained (0 = none, 1 = all).</p>
 <p>Final objective {float(result.loss):.6g} after {int(result.n_iter)} iterations;
-{"converged" if result.converged else "<b>not converged</b> (stopped at the iteration limit)"}.</p>
+{"converged" if result.converged else "<b>not converged</b> (stopped at the iteration limit)" if result.finite
+ else "<b>stopped at a non-finite step</b> (the last finite iterate is shown)"};
+{int(result.n_active)} of {len(result.active)} factors active.</p>
 {_img(figures.save(_objective_figure(losses), "objective"), "objective curve")}
-{_table(["block", "kind", "rows", "relative error"], error_rows, numeric=(2, 3))}"""
+{html_table(["block", "kind", "rows", "relative error"], error_rows, numeric=(2, 3))}"""
     if restart_losses.shape[0] > 1:
         text += f"""
 <p>{restart_losses.shape[0]} restarts from different random starts; the best is reported.
@@ -428,7 +435,7 @@ a single class, log {n_classes} = {np.log(n_classes):.2f} for all classes equall
 "Share" is the factor's part of the total activation <code>&Sigma;<sub>k,n</sub> F[k,n]</code>.
 The images are the {min(_THUMBS_PER_FACTOR, n_top)} with the largest F[k, n], largest first
 (the top {n_top} are listed in summary.json).</p>
-{_table(["factor", "share", "top classes (weight)", "top superclass (weight)", "entropy",
+{html_table(["factor", "share", "top classes (weight)", "top superclass (weight)", "entropy",
          "top images"], rows, numeric=(0, 1, 4))}"""
 
 
@@ -453,7 +460,7 @@ is 1 for the identity and grows towards d / K = {d / top_eig_k:.1f} as concepts 
 {_img(figures.save(_eigenvalues_figure(eigenvalues), "eigenvalues"), "eigenvalues")}
 {_img(figures.save(_mean_top_figure(mean_top, top_eig_k), "mean_top_eigenvalues"),
       "mean of the top eigenvalues per layer")}
-{_table(["layer", "neurons", f"mean of top {top_eig_k} eigenvalues"], rows, numeric=(1, 2))}"""
+{html_table(["layer", "neurons", f"mean of top {top_eig_k} eigenvalues"], rows, numeric=(1, 2))}"""
     return text, summary
 
 
@@ -518,8 +525,8 @@ recover it. For each value of an attribute (e.g. a colour), each factor ranks th
 F[k, n]; the ROC AUC is the chance that an image with that value ranks above one without it
 (1 = perfectly separated, 0.5 = chance). The value is credited to its best factor. The class
 label is included for comparison.</p>
-{_table(["attribute", "mean AUC over its values (best factor each)"], mean_rows, numeric=(1,))}
-{_table(["attribute", "value", "best factor", "AUC"], value_rows, numeric=(2, 3))}"""
+{html_table(["attribute", "mean AUC over its values (best factor each)"], mean_rows, numeric=(1,))}
+{html_table(["attribute", "value", "best factor", "AUC"], value_rows, numeric=(2, 3))}"""
     return text, summary
 
 
@@ -680,13 +687,12 @@ def write_report(
         summary["extra_sections"][section.title] = section.data
     summary["figures"] = figures.names
 
-    (out_dir / "summary.json").write_text(
-        json.dumps(jsonable(summary), indent=1, allow_nan=False), encoding="utf-8")
+    # each file is written atomically, and report.html last: once it exists, the others are whole
+    write_text_atomic(out_dir / "summary.json", json.dumps(jsonable(summary), indent=1, allow_nan=False))
     arrays = {"F": F, "labels": probe.labels, "probe_indices": probe_indices, **factors}
     if probe.superlabels is not None:
         arrays["superlabels"] = probe.superlabels
-    np.savez_compressed(out_dir / "factors.npz", **arrays)
+    savez_atomic(out_dir / "factors.npz", **arrays)
     path = out_dir / "report.html"
-    path.write_text(_page(f"Concepts learned by {config.get('model', 'the network')}", sections),
-                    encoding="utf-8")
+    write_text_atomic(path, _page(f"Concepts learned by {config.get('model', 'the network')}", sections))
     return path

@@ -37,7 +37,8 @@ p-value computed from ``max_{l,k} |z_j[l, k]|``, which is valid under any depend
 tests. Two nulls: *uniform* random sets, and *class-matched* random sets with the concept set's
 class histogram (`matched_sets`), which asks whether the concept carries more than its classes.
 The effect ``T - mean_null`` comes with the interval ``[T - q_97.5, T - q_2.5]`` of the null's
-quantiles: it excludes 0 exactly when the uncorrected two-tailed test at 5% would reject.
+quantiles (the spread of a random set's score around the concept's). The test ranks |z| about the
+pooled mean, so with a skewed null the interval and the test at 5% can disagree near the boundary.
 """
 from __future__ import annotations
 

@@ -60,19 +60,24 @@ def held_out_images(probe: data_lib.Dataset, fitted: np.ndarray, train: data_lib
                    score_labels=None if labels is None else labels[half:], source=where)
 
 
-def _transformed(result, images, capture, layers, pixels: bool) -> np.ndarray:
+def _transformed(result, images, capture, layers, pixels: bool, groups_of) -> np.ndarray:
     blocks = build_blocks(images, capture, layers, progress=False)
     if not pixels:
         blocks = {k: v for k, v in blocks.items() if not k.startswith("pixels")}
-    return np.asarray(jaxnmf.transform(result, blocks))
+    groups = None if groups_of is None else groups_of(images)
+    return np.asarray(jaxnmf.transform(result, blocks, example_groups=groups))
 
 
 def tcav_step(model, variables, result, capture, layers, pixels: bool, held: HeldOut, tcav_layers,
-              class_names, n_concept: int = 50, seed: int = 0) -> Section:
-    """TCAV of the fitted factors with controls; the report section (`tcav_report.tcav_section`)."""
+              class_names, n_concept: int = 50, seed: int = 0, groups_of=None) -> Section:
+    """TCAV of the fitted factors with controls; the report section (`tcav_report.tcav_section`).
+
+    ``groups_of``: images -> (n,) example groups, when the fit had them (the pipeline's
+    ``--example-groups predicted``: the network's predicted class), for ``jaxnmf.transform``.
+    """
     n_concept = min(n_concept, len(held.cav) // 3)
-    F_cav = _transformed(result, held.cav, capture, layers, pixels)
-    F_score = _transformed(result, held.score, capture, layers, pixels)
+    F_cav = _transformed(result, held.cav, capture, layers, pixels, groups_of)
+    F_score = _transformed(result, held.score, capture, layers, pixels, groups_of)
     skipped = sorted(set(undetermined_rows(F_cav, n_concept)) | set(undetermined_rows(F_score, n_concept)))
     tested = [k for k in range(F_cav.shape[0]) if k not in skipped]
     if not tested:

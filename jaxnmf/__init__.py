@@ -11,6 +11,7 @@ factorised jointly as X_b ~ W_b F with one shared example factor F (d x N).
     ((5, 100), (32, 5))
 """
 from ._fit import NMFResult, aligned_empty, fit, objective, transform
+from ._path import PathPoint, group_sparsity_path
 from ._solver import MUState, Params, make_params, mu_step
 from ._hals import hals_step
 from . import analysis, reference
@@ -19,7 +20,7 @@ from .analysis import (attribute_auc, class_weights, factor_table, latent_images
                        neuron_similarity, similarity_eigenvalues)
 
 __all__ = [
-    "fit", "transform", "objective", "NMFResult", "aligned_empty", "mu_step", "hals_step", "MUState", "Params",
+    "fit", "transform", "objective", "NMFResult", "aligned_empty", "group_sparsity_path", "PathPoint", "mu_step", "hals_step", "MUState", "Params",
     "make_params",
     "analysis", "reference",
     "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",

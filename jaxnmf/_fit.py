@@ -238,8 +238,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
       key: a ``jax.random`` key (random init, restarts, randomised SVD).
       max_iter: iteration limit. tol: stop when J decreased by less than ``tol`` (relative) over
         the last ``check_every`` iterations; ``tol=0`` runs exactly ``max_iter`` iterations.
-      init: "nndsvda" (NNDSVD with its zeros filled by the data mean: MU cannot move exact zeros;
-        HALS can),
+      init: "nndsvda" (NNDSVD with its zeros filled by sqrt(mean / rank) of the weighted, scaled
+        data: MU cannot move exact zeros; HALS can),
         "nndsvd", "random", or explicit ``(F0, factors0)`` in the container of ``blocks``.
       n_restarts: restarts from ``jax.random.split(key, n_restarts)`` (random init only), run
         together under ``vmap``; the one with the lowest final J is returned.
@@ -344,6 +344,11 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     collapsed = not active.any()
     if collapsed:
         warnings.warn(collapse_message(st), RuntimeWarning, stacklevel=2)
+    if not bool(carry.finite[best]):
+        warnings.warn(f"iteration {n_iter + 1} gave a non-finite objective (an overflow or NaN in the updates); the "
+                      f"fit stopped there and returns iterate {n_iter}, the last finite one, with finite=False and "
+                      "converged=False. Try dtype=float64, smaller penalties, or look for extreme values in the "
+                      "blocks.", RuntimeWarning, stacklevel=2)
     return NMFResult(
         F=state.F, loss=float(final[best]), factors=bl.rebuild([w * s for w, s in zip(state.factors, scaling.s)]),
         losses=trace,
@@ -353,13 +358,21 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         collapsed=collapsed, settings=settings)
 
 
-def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float = 1e-5) -> jax.Array:
+def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: int = 500,
+              tol: float = 1e-5) -> jax.Array:
     """F (rank, N_new) for new examples, the block factors of ``result`` held fixed.
 
-    Solves min_{F >= 0} J(F, W) with the weights and raw F-penalties of the fit
-    (``result.settings["raw_penalties"]``, resolved on the fit's data), by multiplicative
+    Solves min_{F >= 0} J(F, W) with the weights and F-penalties of the fit, by multiplicative
     updates of F alone (Eq. 3.2, first line); stops when ||F_t - F_{t-10}|| / ||F_{t-10}|| < tol.
     ``new_blocks``: the same blocks (container, names, rows) as the fit, any number of columns.
+    ``example_groups``: (N_new,) group of each new example, required when the fit had example
+    groups and a group penalty (e.g. the network's predicted class); otherwise ignored.
+
+    l2_F and l1_F are the fit's raw values (``result.settings["raw_penalties"]``), per entry of F.
+    The group penalty keeps the fit's shrinkage per entry: in relative units each group's weight is
+    group_F' S sqrt(|g_new|) / N (S and N of the fit, |g_new| the group's size among the new
+    examples), so a batch drawn like the fit's examples is shrunk like them whatever its size, and
+    the training columns get exactly the fit's weights; in raw units it is group_F as given.
     """
     bl = P.as_blocks(new_blocks, "new_blocks")
     fitted = P.as_blocks(result.factors, "result.factors")
@@ -371,20 +384,48 @@ def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float 
     max_iter = P.check_positive_int(max_iter, "max_iter")
     tol = P.scalar(tol, "tol")
     st = result.settings
-    if st["example_groups"] is not None and st["group_F"] > 0:
-        raise ValueError("transform does not support a fit with example_groups (groups of new examples are unknown)")
+    n_new = bl.arrays[0].shape[1]
+    groups, n_groups, group_F = _transform_groups(st, int(result.F.shape[1]), example_groups, n_new)
     dtype = st["dtype"]
     bl = bl.map(lambda x: _to_device(x, dtype))
     stats = P.block_stats(bl)
     scaling = _Scaling.of(stats, st["weights"])
     raw = st["raw_penalties"]
-    params = scaling.params(st["weights"], raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], dtype)
+    params = scaling.params(st["weights"], raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], group_F, dtype)
     arrays = bl.arrays
     factors = tuple(jnp.asarray(w / s, dtype) for w, s in zip(fitted.arrays, scaling.s))
-    F0 = jnp.full((st["rank"], arrays[0].shape[1]), float(jnp.mean(result.F)) or 1.0, dtype)
-    F, _ = _run_transform(arrays, F0, factors, params, jnp.asarray(tol, dtype), None,
-                          length=max_iter, check_every=10, n_groups=1)
+    F0 = jnp.full((st["rank"], n_new), float(jnp.mean(result.F)) or 1.0, dtype)
+    F, _ = _run_transform(arrays, F0, factors, params, jnp.asarray(tol, dtype),
+                          None if groups is None else jnp.asarray(groups), length=max_iter, check_every=10,
+                          n_groups=n_groups)
     return F
+
+
+def _transform_groups(st: dict, n_fit: int, example_groups, n_new: int):
+    """(groups (N_new,) or None, n_groups, group weights (n_groups,)) of ``transform``'s penalty."""
+    raw = np.asarray(st["raw_penalties"]["group_F"], np.float64)
+    if st["example_groups"] is None or st["group_F"] == 0:
+        if st["group_F"] == 0 or st["penalty_units"] == "raw":
+            return None, 1, raw[:1]
+        return None, 1, raw * np.sqrt(n_new / n_fit)  # group_F' S sqrt(N_new) / N
+    if example_groups is None:
+        raise ValueError(f"example_groups: the fit had example groups and group_F={st['group_F']}, so transform needs "
+                         f"the group of each new example, an (N_new,) = ({n_new},) array of ints in "
+                         f"[0, {st['n_groups']})")
+    given = np.asarray(example_groups)
+    if given.shape != (n_new,) or not np.issubdtype(given.dtype, np.integer):
+        raise ValueError(f"example_groups must be (N_new,) = ({n_new},) integers, got shape {given.shape} "
+                         f"dtype {given.dtype}")
+    # the fit's groups keep their indices; a group the fit never saw gets a new one
+    labels = np.concatenate([st["group_labels"], np.setdiff1d(given, st["group_labels"])])
+    order = np.argsort(labels)
+    groups = order[np.searchsorted(labels, given, sorter=order)].astype(np.int32)
+    n_groups = len(labels)
+    if st["penalty_units"] == "raw":
+        return groups, n_groups, np.full(n_groups, raw[0])
+    fit_sizes = np.bincount(st["example_groups"], minlength=st["n_groups"])
+    unit = raw[fit_sizes > 0][0] / np.sqrt(fit_sizes[fit_sizes > 0][0])  # group_F' S / N, the same for every group
+    return groups, n_groups, unit * np.sqrt(np.bincount(groups, minlength=n_groups))
 
 
 def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,

@@ -285,7 +285,8 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
     Returns the flattened blocks, their statistics and the resolved settings: rank, max_iter,
     n_restarts, check_every, tol, solver, init (a name or explicit (F0, [W0_b])), weights (B,),
     l2 (B,), l1 (B,), l2_F, l1_F, group_F (as given, in ``penalty_units``), example_groups ((N,)
-    ints or None), n_groups, unit_columns, penalty_units.
+    ints in [0, n_groups) or None), n_groups, group_labels (the given group of each index, or
+    None), unit_columns, penalty_units.
     """
     bl = as_blocks(blocks)
     rank = check_rank(rank, bl)
@@ -303,6 +304,7 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
         check_every=check_positive_int(check_every, "check_every"), tol=scalar(tol, "tol"), solver=solver,
         init=init, l2=per_block(l2, bl, "l2"), l1=per_block(l1, bl, "l1"), l2_F=scalar(l2_F, "l2_F"),
         l1_F=scalar(l1_F, "l1_F"), group_F=scalar(group_F, "group_F"), example_groups=groups, n_groups=n_groups,
+        group_labels=None if groups is None else np.unique(np.asarray(example_groups)),
         unit_columns=bool(unit_columns), penalty_units=penalty_units)
     if convert is not None:
         bl = bl.map(convert)

@@ -343,7 +343,8 @@ def objective_restarts(blocks, states, params, groups, n_groups):
 
 @functools.partial(jax.jit, static_argnames=("length", "check_every", "n_groups"))
 def _run_transform(blocks, F, factors, params, tol, groups, *, length, check_every, n_groups):
-    """MU on F only (W_b fixed): a convex NNLS problem per column. Returns (F, n_iter)."""
+    """MU on F only (W_b fixed), a convex problem: NNLS per column, coupling the columns of a group when
+    the group penalty is on. Returns (F, n_iter)."""
 
     def body(c, _):
         F, prev, n, done = c

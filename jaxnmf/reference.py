@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _problem as P
-from ._fit import ACTIVE_TOL, NMFResult
+from ._fit import ACTIVE_TOL, NMFResult, _transform_groups
 from ._hals import SWEEPS
 
 
@@ -316,17 +316,20 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
                      active=active, collapsed=not active.any(), settings=settings)
 
 
-def transform(result: NMFResult, new_blocks, *, max_iter: int = 500, tol: float = 1e-5) -> np.ndarray:
-    """F for new examples with the block factors of ``result`` fixed (MU on F alone)."""
+def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: int = 500,
+              tol: float = 1e-5) -> np.ndarray:
+    """F for new examples with the block factors of ``result`` fixed (MU on F alone); the group
+    weights as ``jaxnmf.transform`` resolves them."""
     st = result.settings
     bl = P.as_blocks(new_blocks, "new_blocks")
     Ws = P.as_blocks(result.factors, "result.factors").arrays
     X = [np.asarray(x, st["dtype"]) for x in bl.arrays]
+    groups, _, group_F = _transform_groups(st, result.F.shape[1], example_groups, X[0].shape[1])
+    raw = st["raw_penalties"]
     F = np.full((st["rank"], X[0].shape[1]), float(np.mean(result.F)) or 1.0, st["dtype"])
     previous = F
     for it in range(1, max_iter + 1):
-        raw = st["raw_penalties"]
-        F = update_F(X, F, Ws, st["weights"], raw["l2_F"], raw["l1_F"], raw["group_F"], None)
+        F = update_F(X, F, Ws, st["weights"], raw["l2_F"], raw["l1_F"], group_F, groups)
         if it % 10 == 0:
             if tol > 0 and np.linalg.norm(F - previous) / max(np.linalg.norm(previous), np.finfo(F.dtype).tiny) < tol:
                 break

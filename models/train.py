@@ -2,7 +2,7 @@
 
 Two presets (`TrainConfig`):
 
-- ``TrainConfig.authors()``, the paper authors' recipe (shared/notes/method.md): SGD, learning
+- ``TrainConfig.authors()``, the paper authors' recipe (docs/method.md): SGD, learning
   rate 0.1, momentum 0.9, weight decay 5e-4, learning rate x0.2 after epochs 30, 60 and 90,
   100 epochs, batch 64, random crop with padding 4, horizontal flip, rotation up to 15 degrees.
 - ``TrainConfig()``, a faster default: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch
@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -94,7 +95,7 @@ class TrainConfig:
 
     @classmethod
     def authors(cls) -> "TrainConfig":
-        """The recipe of the paper's authors (shared/notes/method.md)."""
+        """The recipe of the paper's authors (docs/method.md)."""
         return cls(
             epochs=100,
             batch_size=64,
@@ -116,7 +117,8 @@ class TrainResult(NamedTuple):
 
     Attributes:
         variables: the final ``{"params", "batch_stats"}``.
-        test_accuracy: accuracy on the test images after the last epoch.
+        test_accuracy: accuracy of ``variables`` on the test images, measured by this call (not
+            read from a checkpoint).
         history: one dict per epoch: ``epoch`` (1-based), ``learning_rate`` (of its last step),
             ``train_loss`` (mean cross-entropy of its batches) and ``test_accuracy``.
     """
@@ -284,27 +286,103 @@ def _check_data(model, train_images, train_labels, test_images, test_labels):
     return train_images, train_labels, test_images, test_labels
 
 
-def _restore(manager: ocp.CheckpointManager, state: _TrainState, run: dict, epochs: int):
-    """The state and history of the last checkpoint, or the given state and no history."""
-    last = manager.latest_step()
-    if last is None:
-        return state, []
-    meta = manager.restore(last, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if meta["run"] != run:  # checked before the arrays, whose shapes may not even match
+class _Unusable(Exception):
+    """A checkpoint that cannot be read or holds no usable state; the message says why."""
+
+
+def _summary(error: BaseException) -> str:
+    """An error in one short line (orbax's messages can run to pages)."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:200]}"
+
+
+def _non_finite(tree) -> str | None:
+    """The path of the first leaf of ``tree`` with a NaN or an infinity, or None."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def _mismatch(restored, fresh) -> str | None:
+    """Why ``restored`` cannot stand for the ``fresh`` state, or None: another tree, other
+    shapes or dtypes, or a non-finite value."""
+    if jax.tree.structure(restored) != jax.tree.structure(fresh):
+        return "its state is not the model's: another tree of arrays"
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(fresh)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return (f"{jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)}, the model's "
+                    f"{b.dtype}{list(b.shape)}")
+    bad = _non_finite(restored)
+    return f"{bad} holds NaN or infinite values" if bad else None
+
+
+def _read_checkpoint(manager: ocp.CheckpointManager, step: int, state: _TrainState, run: dict):
+    """The verified state and history of checkpoint ``step``; `_Unusable` if it has none, a
+    ValueError if it belongs to another run."""
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        recorded_run, history = meta["run"], list(meta["history"])
+    except Exception as error:  # orbax raises JSON, Unicode, key, TensorStore... errors
+        raise _Unusable(f"unreadable metadata, {_summary(error)}") from None
+    if recorded_run != run:  # checked before the arrays, whose shapes may not even match
         raise ValueError(
             f"checkpoint_dir {manager.directory} holds a different run (use another folder or "
-            f"delete it): {meta['run']}; this one is {run}"
+            f"delete it): {recorded_run}; this one is {run}"
         )
+    if len(history) != step:
+        raise _Unusable(f"its history has {len(history)} epochs")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(
-        last,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
-    )
-    if last > epochs:
-        raise ValueError(f"checkpoint_dir holds epoch {last}, past epochs={epochs}")
-    return restored.state, restored.meta["history"]
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        ).state
+    except Exception as error:
+        raise _Unusable(f"unreadable arrays, {_summary(error)}") from None
+    problem = _mismatch(restored, state)
+    if problem:
+        raise _Unusable(problem)
+    return restored, history
+
+
+def _restore(manager: ocp.CheckpointManager, state: _TrainState, run: dict, epochs: int):
+    """The state and history of the newest usable checkpoint, or ``state`` and no history if
+    there is no checkpoint.
+
+    A checkpoint that cannot be read, or whose state is not the model's (tree, shapes, dtypes)
+    or not finite, is passed over for the one before it (orbax keeps two) with a RuntimeWarning,
+    and deleted, so that training saves its epoch again. A ValueError, naming the folder, refuses
+    a checkpoint of another run or past ``epochs``, and a folder with no usable checkpoint.
+    """
+    folder = manager.directory
+    problems = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored, history = _read_checkpoint(manager, step, state, run)
+        except _Unusable as problem:
+            problems.append((step, str(problem)))
+            continue
+        if step > epochs:
+            raise ValueError(f"checkpoint_dir {folder} holds epoch {step}, past epochs={epochs}")
+        if problems:
+            warnings.warn(
+                f"checkpoint_dir {folder}: "
+                + "; ".join(f"the checkpoint of epoch {bad} is unusable ({why})"
+                            for bad, why in problems)
+                + f"; resuming from epoch {step} and deleting the unusable ones",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            for bad, _ in problems:
+                manager.delete(bad)
+        return restored, history
+    if problems:
+        raise ValueError(
+            f"checkpoint_dir {folder} holds no usable checkpoint ("
+            + "; ".join(f"epoch {bad}: {why}" for bad, why in problems)
+            + "); delete the folder to train from scratch"
+        )
+    return state, []
 
 
 def train(
@@ -332,6 +410,9 @@ def train(
         checkpoint_dir: if given, the state is saved there with orbax after every epoch (the
             last two are kept), and a run that finds a checkpoint there resumes after its epoch;
             the checkpoint must come from a run with the same model, config, seed and data sizes.
+            A checkpoint that cannot be read or holds another tree, other shapes or non-finite
+            values is passed over for the previous one, with a RuntimeWarning; a ValueError
+            names the folder when none is usable.
         epochs: stop after this epoch (default ``config.epochs``). The schedule still spans
             ``config.epochs``, so a later call resumes and finishes the same run.
         progress: show a tqdm progress bar.
@@ -384,7 +465,8 @@ def train(
         desc="train",
         disable=not progress,
     )
-    for epoch in range(len(history) + 1, epochs + 1):
+    trained_epochs = range(len(history) + 1, epochs + 1)
+    for epoch in trained_epochs:
         epoch_key = jax.random.fold_in(data_key, epoch)
         order_key, augment_key = jax.random.split(epoch_key)
         order = jax.random.permutation(order_key, n_train).astype(jnp.int32)
@@ -422,7 +504,15 @@ def train(
         manager.wait_until_finished()
         manager.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return TrainResult(variables, history[-1]["test_accuracy"], tuple(history))
+    # the accuracy of the variables returned: the last epoch's if it ran here, else measured now
+    # (a checkpoint's history is not trusted for it)
+    if trained_epochs:
+        test_accuracy = history[-1]["test_accuracy"]
+    else:
+        test_accuracy = _accuracy(
+            model, variables, test_images, test_labels, config.eval_batch_size
+        )
+    return TrainResult(variables, test_accuracy, tuple(history))
 
 
 _REQUIRED_METADATA = ("dataset", "test_accuracy")
@@ -459,15 +549,28 @@ def save_model(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, "variables"), variables, force=True)
     checkpointer.wait_until_finished()
-    with open(os.path.join(path, "model.json"), "w") as f:
+    temporary = os.path.join(path, f".model.json.{os.getpid()}.tmp")
+    with open(temporary, "w") as f:  # then renamed: model.json is never seen half written
         f.write(description)
+    os.replace(temporary, os.path.join(path, "model.json"))
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict, dict]:
-    """The ``(model, variables, metadata)`` that `save_model` wrote to ``path``."""
+    """The ``(model, variables, metadata)`` that `save_model` wrote to ``path``.
+
+    Raises:
+        ValueError: naming ``path``, when it holds no readable model or non-finite variables.
+    """
     path = os.path.abspath(path)
-    with open(os.path.join(path, "model.json")) as f:
-        description = json.load(f)
-    model = build_model(description["model_name"], **description["model_kwargs"])
-    variables = ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
-    return model, variables, description["metadata"]
+    try:
+        with open(os.path.join(path, "model.json")) as f:
+            description = json.load(f)
+        model = build_model(description["model_name"], **description["model_kwargs"])
+        metadata = description["metadata"]
+        variables = ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
+    except Exception as error:  # a missing or damaged file, of any of orbax's many kinds
+        raise ValueError(f"{path} holds no readable saved model ({_summary(error)})") from None
+    bad = _non_finite(variables)
+    if bad:
+        raise ValueError(f"{path}: the saved model's {bad} holds NaN or infinite values")
+    return model, variables, metadata

@@ -1,11 +1,12 @@
-"""The main job and the paper script at their smallest settings, and their refusals."""
+"""The main job at its smallest settings, its TCAV step, and its refusals."""
 import json
 
 import numpy as np
 import pytest
 
-from experiments import paper, quickstart
+from experiments import quickstart
 from experiments.pipeline import RunConfig, check_config
+from offline_html import assert_offline
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +17,19 @@ def smoke_run(tmp_path_factory):
     return out
 
 
+def test_offline_check_catches_every_kind_of_remote_link():
+    for tag in ['<img src="https://x.org/a.png">', "<script src='//cdn.x/a.js'></script>",
+                '<link href="http://x/a.css">']:
+        with pytest.raises(AssertionError):
+            assert_offline(f"<html><body>{tag}</body></html>")
+    assert_offline('<html><body><img src="data:image/png;base64,AAAA"></body></html>')
+
+
 def test_quickstart_smoke_writes_a_complete_report(smoke_run):
     tmp_path = smoke_run
-    html = (tmp_path / "report.html").read_text()
-    assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
+    page = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    assert_offline(page)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["dataset"] == "shapes" and summary["data"]["n_probe"] == 96
     assert len(summary["factor_table"]) == 4
@@ -74,48 +84,16 @@ def test_variants_map_to_solver_options():
     check_config(RunConfig(layers=("stage1:avg", "softmax")))
 
 
-def test_paper_script_smoke_on_mock_cifar(tmp_path, mock_cifar_data):
-    with mock_cifar_data(120):
-        paper.main(["--smoke", "--out", str(tmp_path), "--data-dir", str(tmp_path / "tfds")])
-    for model in ("resnet18", "vgg11"):
-        summary = json.loads((tmp_path / model / "summary.json").read_text())
-        assert summary["config"]["dataset"] == "cifar100"
-        assert len(summary["data"]["class_names"]) == 100 and len(summary["data"]["superclass_names"]) == 20
-        assert all("top_superclass" in row for row in summary["factor_table"])
-    assert list(json.loads((tmp_path / "vgg11" / "summary.json").read_text())["neurons"]["layers"]) == [
-        "pool1", "pool2", "pool3", "pool4", "pool5"]
-    assert (tmp_path / "figure3_eigenvalues.png").exists()
-
-
-def test_cross_dataset_smoke_is_activations_only_and_group_sparse(tmp_path, capsys):
-    from experiments import cross_dataset
-    cross_dataset.main(["--smoke", "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
-    assert "factors active" in printed
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["data"]["pixel_blocks"] == []
-    assert summary["config"]["group_F"] > 0 and summary["config"]["train_restrict"]
-    F = np.load(tmp_path / "factors.npz")["F"]
-    assert F.shape == (6, 96)
-
-
-def test_cross_dataset_refuses_a_collapsed_fit_before_any_report(tmp_path, capsys):
-    from experiments import cross_dataset
-    with pytest.warns(RuntimeWarning, match="every factor is zero"), pytest.raises(SystemExit):
-        cross_dataset.main(["--smoke", "--out", str(tmp_path), "--group-F", "1000"])
-    err = capsys.readouterr().err
-    assert "--group-F 1000 (relative units, with --l2 0.01) switched off all 6 factors" in err
-    assert "e.g. --group-F 100" in err
-    assert not (tmp_path / "report.html").exists() and not (tmp_path / "summary.json").exists()
-
-
-def test_pipeline_tcav_on_held_out_images_with_controls(smoke_run, tmp_path):
-    """The pipeline's TCAV step end to end at the smallest size: held-out images, concept sets
-    through transform, negative controls and their verdict in the report and summary.json."""
+def test_pipeline_tcav_restarts_and_predicted_groups(smoke_run, tmp_path):
+    """The pipeline's TCAV step end to end at the smallest size, on a fit with 2 restarts and
+    predicted-class groups (so transform gets the held-out images' predicted classes): held-out
+    images, concept sets through transform, negative controls and their verdict in the report and
+    summary.json."""
     from experiments.pipeline import run
 
     cfg = RunConfig(dataset="shapes", width=4, n_train=256, n_test=200, n_probe=96, epochs=1, batch_size=64, rank=4,
-                    iterations=20, tcav=True, tcav_images=100, model_path=str(smoke_run / "model"), out=str(tmp_path))
+                    iterations=20, restarts=2, example_groups="predicted", group_F=0.01, tcav=True,
+                    tcav_images=100, model_path=str(smoke_run / "model"), out=str(tmp_path))
     html = run(cfg).read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     sections = summary["extra_sections"]
@@ -126,3 +104,18 @@ def test_pipeline_tcav_on_held_out_images_with_controls(smoke_run, tmp_path):
     assert negative["sets"] == 300 and negative["tests"] > 0 and "calibrated" in negative["verdict"]
     assert "negative-control tests" in html
     assert "100 images of the shapes test split not used in the fit" in html
+    assert summary["config"]["restarts"] == 2 and len(summary["fit"]["restart_losses"]) == 2
+    assert summary["config"]["example_groups"] == "predicted"
+    assert_offline(html)
+
+
+def test_tcav_controls_prints_one_line_per_seed_and_statistic(smoke_run, capsys):
+    from experiments import tcav_controls
+    tcav_controls.main(["--model-path", str(smoke_run / "model"), "--images", "240", "--n-concept", "12",
+                        "--negative-controls", "40", "--seeds", "1", "--statistics", "cosine", "sign"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seed")]
+    assert len(lines) == 2 and "cosine" in lines[0] and "sign" in lines[1]
+    assert all("negative" in line and "positive" in line for line in lines)
+    with pytest.raises(SystemExit):
+        tcav_controls.main(["--model-path", str(smoke_run / "model"), "--images", "20", "--n-concept", "50",
+                            "--seeds", "1"])

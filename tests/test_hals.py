@@ -30,8 +30,10 @@ def explicit_init(blocks, rank, seed=1):
 
 
 PLAIN = dict()
-PENALTIES = dict(l2_F=0.5, l2=0.1, l1_F=0.2, l1={"b0": 0.0, "b1": 0.3, "b2": 0.05}, block_weights=[1.0, 2.0, 0.5])
-GROUP_ROWS = dict(group_F=2.0, l2=1.0, block_weights="frobenius")
+# in raw units (the values of Eq. 3.1): in relative units these would switch every factor off
+PENALTIES = dict(l2_F=0.5, l2=0.1, l1_F=0.2, l1={"b0": 0.0, "b1": 0.3, "b2": 0.05}, block_weights=[1.0, 2.0, 0.5],
+                 penalty_units="raw")
+GROUP_ROWS = dict(group_F=0.05, l2=0.01, block_weights="frobenius")
 GROUP_EXAMPLES = dict(group_F=0.3, l2=0.5, example_groups=np.arange(120) % 3)
 AUTHORS = dict(l2_F=1.0, l1_F=1.0, unit_columns=True, penalty_units="raw")
 
@@ -47,6 +49,7 @@ def test_agrees_with_numpy_reference_from_same_factors(dtype, rtol, opts):
     kw = dict(key=KEY, max_iter=ITERS, tol=0, init=explicit_init(blocks, 4), dtype=dtype, solver="hals", **opts)
     ours, ref = jaxnmf.fit(blocks, 4, **kw), reference.fit(blocks, 4, **kw)
     assert ours.n_iter == ref.n_iter == ITERS and ours.settings["solver"] == ref.settings["solver"] == "hals"
+    assert not ours.collapsed  # a fit the penalties switched off would compare zeros with zeros
     np.testing.assert_allclose(np.asarray(ours.F), ref.F, rtol=rtol, atol=rtol * np.abs(ref.F).max())
     for k in blocks:
         w, wr = np.asarray(ours.factors[k]), ref.factors[k]

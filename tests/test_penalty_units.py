@@ -107,3 +107,27 @@ def test_bad_penalty_units_are_refused_naming_the_argument():
         jaxnmf.fit(sparse_blocks(), 2, key=KEY, max_iter=2, penalty_units="absolute")
     with pytest.raises(ValueError, match="penalty_units must be one of"):
         reference.fit(sparse_blocks(), 2, key=0, max_iter=2, penalty_units=None)
+
+
+def test_sparsity_path_switches_factors_off_from_warm_starts():
+    """Along a non-decreasing path each fit starts from the previous one (so a second fit at the
+    same value continues the first and never ends higher), J never rises within a fit, the number
+    of active factors never rises, and the strongest value switches every factor off (reported,
+    not raised). Bad paths are refused naming the argument."""
+    blocks = sparse_blocks()
+    values = [0.0, 0.02, 0.02, 0.2, 50.0]
+    path = jaxnmf.group_sparsity_path(blocks, 6, values, key=KEY, max_iter=150, tol=0, l2=0.02,
+                                      block_weights="frobenius", dtype=np.float64)
+    assert [p.group_F for p in path] == values
+    for p in path:
+        assert np.all(np.diff(p.result.losses) <= 1e-9 * np.abs(p.result.losses[:-1]))
+    assert path[2].result.loss <= path[1].result.loss * (1 + 1e-12)
+    first = path[2].result.losses[0]  # J after one step from the previous fit: a continuation
+    assert path[1].result.loss * (1 - 1e-3) <= first <= path[1].result.loss * (1 + 1e-12)
+    active = [p.n_active for p in path]
+    assert active[0] == 6 and all(b <= a for a, b in zip(active, active[1:])) and 0 < active[3] < 6
+    assert path[-1].result.collapsed
+    for bad, message in [([0.1, 0.05], "non-decreasing"), ([-1.0], ">= 0"), ([], "at least one"),
+                         ([float("nan")], "finite")]:
+        with pytest.raises(ValueError, match=f"group_F: .*{message}"):
+            jaxnmf.group_sparsity_path(blocks, 3, bad, key=KEY)

@@ -50,7 +50,8 @@ def _result(pixel_blocks, layer_rows, n_restarts: int):
     return SimpleNamespace(
         F=F, factors=factors, losses=losses, loss=10.0,
         relative_errors={b: 0.1 + 0.01 * i for i, b in enumerate(factors)},
-        n_iter=25, converged=True, restart_losses=10.0 + np.arange(n_restarts, dtype=float))
+        n_iter=25, converged=True, finite=True, active=np.ones(D, bool), n_active=D,
+        restart_losses=10.0 + np.arange(n_restarts, dtype=float))
 
 
 def _tcav_section():
