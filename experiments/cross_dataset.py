@@ -23,7 +23,8 @@ import argparse
 import dataclasses
 import sys
 
-from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli
+# the light command line: ``--help`` imports no jax; run_cli imports the pipeline once parsed
+from experiments.cli import DATA, RUN, RunConfig, argument_group, config_from_args, flag, parser_for, run_cli
 
 DEFAULTS = RunConfig(
     dataset="shapes", probe_dataset="shapes", train_restrict="shape=circle,square,triangle;colour=red,green,blue",
@@ -35,12 +36,22 @@ SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=
              tcav=False)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = parser_for("python -m experiments.cross_dataset", __doc__, DEFAULTS)
-    parser.add_argument("--cifar", action="store_true", help="CIFAR-10 network probed with CIFAR-100")
-    parser.add_argument("--studies", action=argparse.BooleanOptionalAction, default=True,
-                        help="add the sparsity path and, with --train-restrict, the seen/unseen table with its "
-                             "three controls (one more network is trained)")
+    argument_group(parser, DATA).add_argument(
+        "--cifar", action="store_true",
+        help="CIFAR-10 network probed with CIFAR-100 (GPU); sets " + ", ".join(
+            f"{flag(k)} {v if v is not None else 'none'}" for k, v in CIFAR.items())
+        + " where left at their default (default: off, the offline shapes study)")
+    studies = argument_group(parser, RUN).add_argument(
+        "--studies", action=argparse.BooleanOptionalAction, default=True)
+    studies.help = ("add the sparsity path and, with --train-restrict, the seen/unseen table with its three "
+                    "controls (one more network is trained) (default: on)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.cifar:

@@ -17,13 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402
-
-from experiments._atomic import savefig_atomic  # noqa: E402
-from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli  # noqa: E402
+# the light command line: ``--help`` imports no jax nor matplotlib; run_cli imports the pipeline once parsed
+from experiments.cli import MODELS, NETWORK, RunConfig, argument_group, config_from_args, parser_for, run_cli
 
 DEFAULTS = RunConfig(dataset="cifar100", model="resnet18", width=64, n_probe=10_000, epochs=30, batch_size=128,
                      rank=20, iterations=500, variant="project", out="runs/paper")
@@ -32,6 +27,10 @@ SMOKE = dict(width=4, n_probe=40, epochs=1, batch_size=16, rank=3, iterations=10
 
 def eigenvalue_figure(summaries: dict[str, dict], path: Path) -> None:
     """Figure 3: mean of the top-K eigenvalues of each layer's similarity matrix, per model."""
+    from matplotlib.figure import Figure
+
+    from experiments._atomic import savefig_atomic
+
     fig = Figure(figsize=(4.5 * len(summaries), 3.4), layout="constrained")
     for ax, (model, summary) in zip(fig.subplots(1, len(summaries), squeeze=False)[0], summaries.items()):
         layers = summary["neurons"]["layers"]
@@ -43,10 +42,21 @@ def eigenvalue_figure(summaries: dict[str, dict], path: Path) -> None:
     savefig_atomic(fig, path, dpi=120)
 
 
+def build_parser():
+    # one spelling: --models lists the networks, each run sets RunConfig.model (no --model option)
+    parser = parser_for("python -m experiments.paper", __doc__, DEFAULTS, hide=("model",))
+    argument_group(parser, NETWORK).add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=MODELS, metavar="{" + ",".join(MODELS) + "}",
+        help="the networks, one run and report each in --out/<model> (default: " + " ".join(MODELS) + ")")
+    return parser
+
+
 def main(argv=None) -> None:
-    parser = parser_for("python -m experiments.paper", __doc__, DEFAULTS)
-    parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"], choices=["resnet18", "vgg11"])
+    parser = build_parser()
     args = parser.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")  # before any figure of the runs
     base = config_from_args(args)
     if args.smoke:
         base = dataclasses.replace(base, **SMOKE)

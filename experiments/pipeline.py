@@ -10,7 +10,6 @@ a folder of another run is refused unless ``--overwrite``); every file is writte
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -26,78 +25,14 @@ import models
 from experiments import data as data_lib
 from experiments import run_folder
 from experiments._atomic import write_text_atomic
+# the command line and the options of a run live in the light ``experiments.cli`` (``--help`` without
+# jax); they are imported from here too
+from experiments.cli import (DATASETS, VARIANTS, RunConfig, add_arguments, config_from_args,  # noqa: F401
+                             parser_for, run_cli)
 from experiments.matrices import build_blocks
 from experiments.report import Section, write_report
 
-VARIANTS = ("project", "paper", "authors")
-DATASETS = ("shapes", "digits", "cifar10", "cifar100")
 _TOP_EIG_K = {"resnet18": 3, "vgg11": 10}  # the authors' K of the mean of the top-K eigenvalues
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Every option of a run (the scripts' command-line options map one to one onto these).
-
-    variant: "project" (this project's defaults: blocks scaled to unit Frobenius norm, no
-    penalties), "paper" (Eq. 3.1 as published: no block weights, no penalties) or "authors"
-    (the authors' code: l2_F = l1_F = 1, unit-norm columns of every W_b, no block weights, raw
-    penalty units). ``block_weights``/``l2_F``/.../``penalty_units`` left at None take the
-    variant's values; penalties are in ``jaxnmf.fit``'s "relative" units except for "authors".
-    """
-
-    dataset: str = "shapes"  # what the network is trained on
-    probe_dataset: str | None = None  # what it is probed with (default: the test split of ``dataset``)
-    train_restrict: str | None = None  # shapes only: train on part of the attribute space, "colour=red,blue;size=0"
-    model: str = "resnet18"
-    width: int = 8
-    n_train: int = 5000  # shapes only (digits and CIFAR use their whole train split)
-    n_test: int = 1200  # shapes only
-    n_probe: int = 1000
-    epochs: int = 6
-    train_preset: str = "fast"  # or "authors" (docs/method.md)
-    batch_size: int = 64
-    model_path: str | None = None  # load this trained model (models.save_model) instead of training
-    layers: tuple[str, ...] | None = None  # default: the authors' layers of the model
-    pixels: bool = True  # include the pixel blocks (False: activations only, paper Sec. 5)
-    rank: int = 12
-    restarts: int = 1
-    solver: str = "mu"  # or "hals" (same objective, far fewer iterations)
-    block_dtype: str = "float32"  # or "bfloat16": blocks in half the memory (the fit of the rounded data)
-    iterations: int = 300
-    tol: float = 1e-5
-    variant: str = "project"
-    block_weights: str | None = None
-    l2_F: float | None = None
-    l1_F: float | None = None
-    l2: float | None = None
-    l1: float | None = None
-    group_F: float = 0.0  # group-sparse penalty on F (paper Sec. 5); needs l2 > 0 to bite
-    penalty_units: str | None = None  # "relative" or "raw" (jaxnmf.fit); None: the variant's
-    example_groups: str = "rows"  # groups of the penalty: "rows" of F, or "predicted" class x factor
-    tcav: bool = False
-    tcav_layers: tuple[str, ...] | None = None
-    tcav_images: int = 800  # held-out images for TCAV: half choose concepts and train CAVs, half are scored
-    data_dir: str | None = None  # CIFAR only
-    out: str = "runs/quickstart"
-    overwrite: bool = False  # replace a run of other options in ``out`` (and its network if that differs)
-    seed: int = 0
-
-    def solver_options(self) -> dict:
-        """The ``jaxnmf.fit`` options the variant and the explicit settings give."""
-        base = {"project": dict(block_weights="frobenius", l2_F=0.0, l1_F=0.0, l2=0.0, l1=0.0, unit_columns=False,
-                                penalty_units="relative"),
-                "paper": dict(block_weights="none", l2_F=0.0, l1_F=0.0, l2=0.0, l1=0.0, unit_columns=False,
-                              penalty_units="relative"),
-                "authors": dict(block_weights="none", l2_F=1.0, l1_F=1.0, l2=0.0, l1=0.0, unit_columns=True,
-                                penalty_units="raw"),
-                }[self.variant]
-        for name in ("block_weights", "l2_F", "l1_F", "l2", "l1", "penalty_units"):
-            if getattr(self, name) is not None:
-                base[name] = getattr(self, name)
-        return base
-
-    def resolved_layers(self) -> tuple[str, ...]:
-        return tuple(self.layers) if self.layers else models.DEFAULT_LAYERS[self.model]
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -324,46 +259,3 @@ def predicted_classes(capture, images: np.ndarray, batch_size: int = 256) -> np.
     """(n,) the network's predicted class of each image; ``capture`` returns at least "softmax"."""
     return np.concatenate([np.argmax(np.asarray(capture(images[i:i + batch_size])["softmax"]), axis=1)
                            for i in range(0, len(images), batch_size)])
-
-
-def add_arguments(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
-    """Command-line options, one per ``RunConfig`` field, with ``defaults`` shown."""
-    for f in dataclasses.fields(RunConfig):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name in ("layers", "tcav_layers"):
-            parser.add_argument(flag, nargs="+", default=default, metavar="LAYER")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            parser.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
-    for name in ("layers", "tcav_layers"):
-        values[name] = tuple(values[name]) if values[name] else None
-    for name in ("train_restrict", "probe_dataset"):  # an empty value on the command line means none
-        values[name] = values[name] or None
-    return RunConfig(**values)
-
-
-def parser_for(prog: str, doc: str, defaults: RunConfig) -> argparse.ArgumentParser:
-    """The command line of an experiment script: every ``RunConfig`` option plus ``--smoke``."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, defaults)
-    parser.add_argument("--smoke", action="store_true", help="smallest setting, for tests")
-    return parser
-
-
-def run_cli(parser: argparse.ArgumentParser, cfg: RunConfig, *, extra_notes: Sequence[str] = (),
-            studies: Sequence[Callable[[FittedRun], Section]] = ()) -> Path:
-    """``run(cfg)``, turning a refused option into the parser's usage error; prints the report path."""
-    try:
-        report = run(cfg, extra_notes=extra_notes, studies=studies)
-    except ValueError as err:
-        parser.error(str(err))
-    print(f"report: {report}")
-    return report
-

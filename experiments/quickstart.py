@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from experiments.pipeline import RunConfig, config_from_args, parser_for, run_cli
+# the light command line: ``--help`` imports no jax; run_cli imports the pipeline once parsed
+from experiments.cli import RunConfig, config_from_args, parser_for, run_cli
 
 DEFAULTS = RunConfig(
     dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=6,
@@ -22,8 +23,12 @@ SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=
              tcav=False)
 
 
+def build_parser():
+    return parser_for("python -m experiments.quickstart", __doc__, DEFAULTS)
+
+
 def main(argv=None) -> None:
-    parser = parser_for("python -m experiments.quickstart", __doc__, DEFAULTS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     run_cli(parser, dataclasses.replace(cfg, **SMOKE) if args.smoke else cfg)

@@ -31,17 +31,35 @@ def _images(dataset: str, n: int, seed: int) -> data_lib.Dataset:
     return test.subset(np.random.default_rng(seed).permutation(len(test))[:n])
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.tcav_controls", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", required=True, help="a folder written by models.save_model")
-    parser.add_argument("--dataset", default="shapes", choices=("shapes", "digits"), help="where the images come from")
-    parser.add_argument("--images", type=int, default=800, help="CAV plus score images (default: 800)")
-    parser.add_argument("--n-concept", type=int, default=50, help="images per set (default: 50)")
-    parser.add_argument("--layers", nargs="+", default=["stage3", "stage4", "pool"], help="layers tested")
-    parser.add_argument("--statistics", nargs="+", default=["cosine", "sign"], choices=T.STATISTICS)
-    parser.add_argument("--negative-controls", type=int, default=300, help="random sets per run (default: 300)")
-    parser.add_argument("--seeds", type=int, default=5, help="independent runs (default: 5)")
+    network = parser.add_argument_group("network", "the trained CNN whose layers are tested")
+    network.add_argument("--model-path", required=True, metavar="DIR",
+                         help="the trained model: a folder written by models.save_model (required)")
+    data = parser.add_argument_group("data", "the test images CAVs are trained on and scored with")
+    data.add_argument("--dataset", default="shapes", choices=("shapes", "digits"),
+                      help="where the test images come from (default: shapes)")
+    data.add_argument("--images", type=int, default=800,
+                      help="images drawn per seed: the first half trains CAVs, the second is scored (default: 800)")
+    data.add_argument("--n-concept", type=int, default=50,
+                      help="images per concept set, positive controls and random ones (default: 50)")
+    tcav = parser.add_argument_group("validation (TCAV)", "the tests and their controls")
+    tcav.add_argument("--layers", nargs="+", default=["stage3", "stage4", "pool"], metavar="LAYER",
+                      help="layers tested (default: stage3 stage4 pool)")
+    tcav.add_argument("--statistics", nargs="+", default=["cosine", "sign"], choices=T.STATISTICS,
+                      help="score statistics, each run in turn (default: cosine sign)")
+    tcav.add_argument("--negative-controls", type=int, default=300,
+                      help="random image sets per run, which must come out significant at the nominal rate "
+                           "(default: 300)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seeds", type=int, default=5,
+                     help="independent runs, each with its own images, null and controls (default: 5)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     model, variables, _ = models.load_model(args.model_path)
     for seed in range(args.seeds):
