@@ -720,7 +720,7 @@ def problems_with_init(draw, rank_max=2, **kw):
     """A problem, a rank and an explicit integer-valued start (1..3: MU cannot move zeros), drawn
     so that it shrinks too (and no random-init compilation per shape)."""
     blocks, opts, nonzero = draw(coupled_problems(**kw))
-    rank = draw(st.integers(1, rank_max))
+    rank = draw(st.integers(1, min(rank_max, N_PROP, sum(x.shape[0] for x in blocks))))  # fit's bound on d
     ints = lambda shape: draw(arrays(np.int64, shape, elements=st.integers(1, 3))).astype(np.float64)
     init = (ints((rank, N_PROP)), [ints((x.shape[0], rank)) for x in blocks])
     return blocks, opts, nonzero, rank, init
