@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import models
+from tiny_data import colour_data
 
 train_module = importlib.import_module("models.train")
 
@@ -20,15 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 # A ResNet of two one-block stages, width 2, on 8x8 images, trained for 2 epochs of 3 steps.
 MODEL_KWARGS = {"num_classes": 3, "width": 2, "stage_sizes": (1, 1)}
 CONFIG = models.TrainConfig(epochs=2, batch_size=16, learning_rate=0.05, warmup_epochs=0)
-
-
-def colour_data(n: int, seed: int):
-    """(n, 8, 8, 3) noise whose class (0, 1, 2) is the channel brightened by 0.4."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, n)
-    images = rng.uniform(0, 0.6, (n, 8, 8, 3)).astype(np.float32)
-    images[np.arange(n), :, :, labels] += 0.4
-    return images, labels
 
 
 DATA = (*colour_data(48, seed=0), *colour_data(20, seed=1))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import models
+from tiny_data import colour_data
 
 # The module, which the function `models.train` shadows as an attribute of the package.
 train_module = importlib.import_module("models.train")
@@ -19,15 +20,6 @@ MODEL_KWARGS = {"num_classes": 3, "width": 4, "stage_sizes": (1, 1)}
 CONFIG = models.TrainConfig(
     epochs=3, batch_size=16, learning_rate=0.05, warmup_epochs=0, crop_padding=1, max_rotation=10.0
 )
-
-
-def colour_data(n: int, seed: int):
-    """(n, 8, 8, 3) noise in [0, 0.6) whose class (0, 1, 2) is the channel brightened by 0.4."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, n)
-    images = rng.uniform(0, 0.6, (n, 8, 8, 3)).astype(np.float32)
-    images[np.arange(n), :, :, labels] += 0.4
-    return images, labels
 
 
 @pytest.fixture(scope="module")
