@@ -235,10 +235,10 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
                                            train.class_names, seed=cfg.seed, groups_of=groups_of))
         print(f"TCAV on {', '.join(tcav_layers)}: {time.perf_counter() - t_tcav:.0f} s")
 
-    # the report reads "variant" as the kind of updates ("paper" or "authors") and shows the rest
+    # the options as given, with what the variant resolved them to (one meaning of each name)
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and k != "overwrite"}
-    config.update(options, layers=list(layers), preset=cfg.variant, variant="authors" if cfg.variant == "authors"
-                  else "paper", trained_on=meta.get("dataset"), model_test_accuracy=meta.get("test_accuracy"))
+    config.update(options, layers=list(layers), trained_on=meta.get("dataset"),
+                  model_test_accuracy=meta.get("test_accuracy"))
     notes = [*extra_notes, f"Network test accuracy: {meta.get('test_accuracy', float('nan')):.3f} "
                            f"(trained on {meta.get('dataset')})."]
     notes.append(f"Probe images: {len(idx)} from the {probe.name} {probe.split} split; the network agrees with "

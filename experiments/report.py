@@ -65,12 +65,18 @@ class Section:
         figures: file stem -> matplotlib Figure; each is saved as ``extra_<stem>.png`` and
             embedded after ``html``. Stems use letters, digits, ``_`` and ``-`` only.
         data: JSON-serialisable numbers for ``summary.json`` (under ``extra_sections``).
+        headline: one plain-text line for the report's summary ("At a glance"), e.g. whether
+            the section's test passed its controls; empty for none.
+        concepts: concept name as the report writes it ("factor 3") -> one plain-text line on
+            that concept for the summary's table (e.g. what TCAV found for it).
     """
 
     title: str
     html: str = ""
     figures: Mapping[str, Figure] = field(default_factory=dict)
     data: Mapping[str, Any] = field(default_factory=dict)
+    headline: str = ""
+    concepts: Mapping[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -166,11 +172,20 @@ _BLOCK_WEIGHTS = {
     "frobenius": "each block is divided by its Frobenius norm, so every block weighs the same",
 }
 _VARIANTS = {
-    "paper": "the multiplicative updates of the paper's Eq. 3.2",
-    "authors": "the authors' published code: 1e-9 added to denominators, an extra L1 term, and "
+    "project": "this project's defaults: the paper's objective (Eq. 3.1) with every block divided by "
+               "its Frobenius norm and penalties in relative units",
+    "paper": "the paper's objective (Eq. 3.1) as written: blocks unscaled, no penalty",
+    "authors": "the authors' published code: lam_F = 1 as raw L2 and L1 penalties on F, and "
                "unit-norm columns of every P and O after each update without rescaling F "
                "(the objective may then rise between iterations)",
 }
+_SOLVERS = {
+    "mu": "multiplicative updates (the paper's Eq. 3.2)",
+    "hals": "hierarchical alternating least squares (exact row-by-row minimisation)",
+}
+# below this test accuracy (0.6 for more than 20 classes) the summary warns about the network
+LOW_ACCURACY, LOW_ACCURACY_MANY_CLASSES = 0.8, 0.6
+_GLANCE_THUMBS = 4
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1180px;
@@ -186,6 +201,8 @@ img.figure { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.4em 0.8em; }
 .how { color: #444; }
 code { background: #f1f1f4; padding: 0 0.25em; }
+ul.glance { background: #f4f8fc; border-left: 4px solid #3b7dd8; padding: 0.5em 0.8em 0.5em 2em; }
+details > summary { cursor: pointer; color: #3b5b8c; margin: 0.4em 0; }
 """
 
 
@@ -286,11 +303,11 @@ def _pixels_figure(latent, masks, top, masked) -> Figure:
     kinds = [("latent image", _rgb(latent)), ("median mask", _rgb(masks[..., None] * 1.0)),
              ("top image", _rgb(top)), ("mask over top image", _rgb(masked))]
     n_bands = -(-d // _FACTORS_PER_BAND)
-    n_cols = min(d, _FACTORS_PER_BAND)
+    n_cols = -(-d // n_bands)  # bands of equal width: 12 factors are two bands of 6, not 10 and 2
     fig = Figure(figsize=(2.0 + 1.0 * n_cols, 0.4 + 4.2 * n_bands), layout="constrained")
     axes = np.atleast_1d(fig.subplots(n_bands, 1, squeeze=False)).ravel()
     for band, ax in enumerate(axes):
-        factors = np.arange(band * _FACTORS_PER_BAND, min(d, (band + 1) * _FACTORS_PER_BAND))
+        factors = np.arange(band * n_cols, min(d, (band + 1) * n_cols))
         cells = np.ones((len(kinds), n_cols, height, width, 3))
         for row, (_, images) in enumerate(kinds):
             cells[row, :len(factors)] = images[factors]
@@ -359,11 +376,83 @@ other sections by its number.</p>
 <p><b>Blocks</b>: pixels {html.escape(", ".join(pixel_blocks) or "none")}; layers
 {html.escape(", ".join(layer_blocks) or "none")}.
 <b>Block weights</b>: {html.escape(_describe(config.get("block_weights"), _BLOCK_WEIGHTS))}.
-<b>Updates</b>: {html.escape(_describe(config.get("variant"), _VARIANTS))}.</p>
+<b>Variant</b>: {html.escape(_describe(config.get("variant"), _VARIANTS))}.
+<b>Solver</b>: {html.escape(_describe(config.get("solver"), _SOLVERS))}.</p>
 <h3>Settings</h3>
 {settings}
 <p>Data: {n} probe images of {height}&times;{width}&times;{channels} drawn from {dataset_size};
 {len(probe.class_names)} classes.</p>"""
+
+
+def _glance_section(config, probe: _Probe, fit: Mapping, table: list[dict], attribute_aucs: Mapping | None,
+                    extra_sections: Sequence[Section]) -> tuple[str, dict]:
+    """The summary at the top: the network, the probe set, whether the fit can be read, each concept
+    in one line, and what the other sections' checks found. Every statement is kept in
+    ``summary.json`` (``glance``) next to the numbers it is made from."""
+    n, height, width, channels = probe.images.shape
+    n_classes, d = len(probe.class_names), len(table)
+    statements: list[str] = []
+    accuracy = config.get("model_test_accuracy")
+    floor = LOW_ACCURACY if n_classes <= 20 else LOW_ACCURACY_MANY_CLASSES
+    network = {"model": config.get("model"), "trained_on": config.get("trained_on"), "test_accuracy": accuracy,
+               "low_accuracy": accuracy is not None and accuracy < floor, "low_accuracy_below": floor}
+    if accuracy is None:
+        statements.append("Network: its test accuracy was not recorded, so how well it learned its task is unknown.")
+    else:
+        statements.append(f"Network: {config.get('model', 'the network')} trained on {config.get('trained_on', '?')}, "
+                          f"test accuracy {accuracy:.3f}." + (
+                              f" WARNING: below {floor:g}. The concepts of a network that often errs partly "
+                              "describe its errors; train it longer (--epochs) before reading them."
+                              if network["low_accuracy"] else ""))
+    probe_name = config.get("probe_dataset") or config.get("dataset")
+    statements.append(f"Probe set: {n} images{f' of {probe_name}' if probe_name else ''} "
+                      f"({height}x{width}x{channels}), {n_classes} classes.")
+    if fit["n_active"] == 0:
+        state = "No concept is active (F is zero or negligible): nothing in this report should be read."
+    elif not fit["finite"]:
+        state = (f"The fit stopped at a non-finite step after {fit['n_iter']} iterations; the last finite iterate is "
+                 "shown. Rescale the data or lower the penalties.")
+    elif fit["converged"]:
+        state = f"The fit converged by its own test after {fit['n_iter']} iterations."
+    else:
+        state = (f"The fit did NOT converge: it stopped at the iteration limit ({fit['n_iter']} iterations); raise "
+                 "--iterations or loosen --tol before relying on small differences between concepts.")
+    errors = fit["relative_errors"]
+    statements.append(f"{state} {fit['n_active']} of {d} concepts are active; relative error "
+                      + ", ".join(f"{b} {float(e):.2f}" for b, e in errors.items()) + ".")
+    statements += [section.headline for section in extra_sections if section.headline]
+
+    credited: dict[int, list[tuple[float, str]]] = {k: [] for k in range(d)}
+    for attribute, result in (attribute_aucs or {}).items():
+        if attribute == "class":
+            continue
+        for value, best in result["values"].items():
+            credited[best["factor"]].append((best["auc"], f"{attribute} {value}"))
+    concepts, rows = [], []
+    total_mass = sum(row["mass"] for row in table) or 1.0
+    scale = max(1, 64 // height)  # as in the factor table
+    for row in table:
+        k = row["factor"]
+        matches = [f"{name} ({auc:.2f})" for auc, name in sorted(credited[k], reverse=True) if auc >= 0.8][:3]
+        checks = [section.concepts[f"factor {k}"] for section in extra_sections if f"factor {k}" in section.concepts]
+        concept = {"factor": k, "active": bool(fit["active"][k]), "share": row["mass"] / total_mass,
+                   "top_classes": [c["name"] for c in row["top_classes"]], "ground_truth": matches, "checks": checks}
+        concepts.append(concept)
+        thumbs = _rgb(probe.images[row["top_images"][:_GLANCE_THUMBS]])
+        rows.append([f"<b>{k}</b>" + ("" if concept["active"] else " (inactive)"), f"{100 * concept['share']:.1f}%",
+                     html.escape(", ".join(concept["top_classes"])),
+                     html.escape("; ".join(matches) or ("-" if attribute_aucs else "no ground truth")),
+                     html.escape("; ".join(checks) or "-"),
+                     _img(_png_uri(_mosaic(thumbs, thumbs.shape[0]), scale), f"top images of factor {k}", "thumbs")])
+    items = "".join(f"<li>{html.escape(text)}</li>" for text in statements)
+    text = f"""
+<ul class="glance">{items}</ul>
+{html_table(["concept", "share", "top classes", "ground truth it recovers (AUC >= 0.8)", "checks", "top images"],
+            rows, numeric=(1,))}
+<p class="how">One row per concept (factor of F); the sections below explain each column: "share"
+and "top classes" come from the factor table, "ground truth" from the attribute AUCs (when the
+dataset records attributes), "checks" from the validation sections.</p>"""
+    return text, {"statements": statements, "network": network, "concepts": concepts}
 
 
 def _fit_section(result, factors, kinds, figures: _Figures) -> tuple[str, dict]:
@@ -526,7 +615,8 @@ F[k, n]; the ROC AUC is the chance that an image with that value ranks above one
 (1 = perfectly separated, 0.5 = chance). The value is credited to its best factor. The class
 label is included for comparison.</p>
 {html_table(["attribute", "mean AUC over its values (best factor each)"], mean_rows, numeric=(1,))}
-{html_table(["attribute", "value", "best factor", "AUC"], value_rows, numeric=(2, 3))}"""
+<details><summary>Every value's best factor ({len(value_rows)} rows)</summary>
+{html_table(["attribute", "value", "best factor", "AUC"], value_rows, numeric=(2, 3))}</details>"""
     return text, summary
 
 
@@ -685,6 +775,9 @@ def write_report(
                            for stem, fig in section.figures.items())
         sections.append((section.title, section.html + embedded))
         summary["extra_sections"][section.title] = section.data
+    text, summary["glance"] = _glance_section(config, probe, summary["fit"], table, summary.get("attribute_auc"),
+                                              extra_sections)
+    sections.insert(0, ("At a glance", text))
     summary["figures"] = figures.names
 
     # each file is written atomically, and report.html last: once it exists, the others are whole

@@ -112,14 +112,16 @@ def tcav_section(result: TCAVResult, class_names: Sequence[str], title: str = "T
         lines.append(f"Not tested (the {result.target} gradient is the same for every image of a class, so every "
                      f"score would be 0 or 1): {html.escape(', '.join(constant))}.")
     lines.extend(html.escape(n) for n in notes)
-    findings, rows, tests = [], [], []
+    findings, rows, tests, per_concept = [], [], [], {}
     for k, name in enumerate(result.names):
         hits = [(result.layers[l], class_names[j], result.uniform.effect[k, l, j])
                 for l, j in zip(*np.nonzero(result.significant[k]))]
         summary = ", ".join(f"{'raises' if e > 0 else 'lowers'} {cls} at {layer}" for layer, cls, e in hits[:6])
-        findings.append(f"<li><b>{html.escape(name)}</b>: {html.escape(summary) or 'no significant class'}"
-                        f"{' (and more)' if len(hits) > 6 else ''}; "
-                        f"{'beats' if result.beats_classes[k] else 'does not beat'} the class-matched null</li>")
+        finding = (f"{summary or 'no significant class'}{' (and more)' if len(hits) > 6 else ''}; "
+                   f"{'beats' if result.beats_classes[k] else 'does not beat'} the class-matched null")
+        findings.append(f"<li><b>{html.escape(name)}</b>: {html.escape(finding)}</li>")
+        per_concept[name] = f"TCAV: {summary or 'no significant class'}" + (
+            "; beats the class-matched null" if result.beats_classes[k] else "")
         for l, layer in enumerate(result.layers):
             for j, cls in enumerate(class_names):
                 tests.append(jsonable(dict(
@@ -163,11 +165,12 @@ classes). The effect is the score minus the random sets' mean, with the interval
 2.5-97.5% range. Significant cells (family-wise p &lt; {result.alpha:g}) are coloured: red raises the
 class, blue lowers it. The negative controls (random sets tested as concepts) show how often the test
 fires by chance; the positive controls (sets of one class) show that it finds what is there.</p>
+<details><summary>{len(rows)} of {len(tests)} tests significant{' (the 60 largest effects in the table)' if len(rows) > 60 else ''}:
+the table (the heatmap below shows them all)</summary>
 <table><thead><tr><th>concept</th><th>layer</th><th>class</th><th>score</th><th>null mean</th>
 <th>effect [interval]</th><th>p (family)</th><th>p, class-matched (family)</th></tr></thead>
-<tbody>{table}</tbody></table>
-<p class="how">{len(rows)} of {len(tests)} tests significant{' (the 60 largest effects shown)' if len(rows) > 60 else ''}.
-Held-out accuracy of the concept CAVs (a concept's own score images against the other score images;
+<tbody>{table}</tbody></table></details>
+<p class="how">Held-out accuracy of the concept CAVs (a concept's own score images against the other score images;
 0.5 is chance):</p>
 <table><thead><tr><th>layer</th><th>CAV accuracy</th></tr></thead><tbody>{accuracy}</tbody></table>"""
     data = jsonable(dict(layers=result.layers, class_names=class_names, concepts=result.names,
@@ -179,4 +182,9 @@ Held-out accuracy of the concept CAVs (a concept's own score images against the 
                          beats_classes=dict(zip(result.names, result.beats_classes)), controls=verdicts,
                          n_significant=len(rows)))
     data["tests"] = tests
-    return Section(title, text, {"tcav": _figure(result, class_names)}, data)
+    headline = "TCAV: " + "; ".join(
+        [verdicts[k]["verdict"] for k in ("negative", "positive") if k in verdicts]
+        or ["no negative controls were run, so its calibration was not checked"]) + (
+        f"; {int(np.sum(result.beats_classes))} of {d} concepts beat the class-matched null.")
+    return Section(title, text, {"tcav": _figure(result, class_names)}, data, headline=headline,
+                   concepts=per_concept)

@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import re
+from html import escape as html_escape
 from types import SimpleNamespace
 
 import matplotlib.image
@@ -162,8 +163,9 @@ def test_html_is_self_contained_and_embeds_images(rgb_report):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
     assert "<link" not in page and "<script" not in page
     sources = re.findall(r"""<img[^>]*\ssrc="([^"]*)\"""", page)
-    # 8 embedded figures (all but top_images.png) and one thumbnail strip per factor.
-    assert len(sources) == 8 + D
+    # 8 embedded figures (all but top_images.png) and two thumbnail strips per factor (the
+    # summary's and the factor table's)
+    assert len(sources) == 8 + 2 * D
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
@@ -217,3 +219,54 @@ def test_bad_arguments_are_refused_before_writing(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
         write_report(tmp_path / "out", **arguments)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_summary_at_a_glance_states_what_summary_json_holds(tmp_path):
+    dataset = _dataset(3, rich=True)
+    result = _result(RGB, {"stage3": 50}, n_restarts=1)
+    result.converged, result.n_iter = False, 25
+    result.active = np.array([True, True, True, False])
+    result.n_active = 3
+    red = dataset.attributes["colour"][PROBE] == 0
+    result.F[1] = np.where(red, 5.0, 0.1)  # factor 1 is the colour red: AUC 1
+    section = Section("TCAV", "<p>scores</p>", headline="TCAV: calibrated on its controls.",
+                      concepts={"factor 1": "TCAV: raises cat at stage3"})
+    config = {**CONFIG, "model_test_accuracy": 0.61, "trained_on": "shapes", "dataset": "shapes"}
+    path = write_report(tmp_path, config=config, dataset=dataset, probe_indices=PROBE, result=result,
+                        pixel_blocks=RGB, layer_blocks=["stage3"], top_eig_k=2, n_neighbours=10,
+                        extra_sections=[section])
+    page = path.read_text()
+    summary = _strict_json(tmp_path / "summary.json")
+    glance = summary["glance"]
+    # it is the first section, and every statement is on the page as written
+    first = page[page.index("<h2>At a glance</h2>"):page.index("<h2>How to read this report</h2>")]
+    for statement in glance["statements"]:
+        assert html_escape(statement) in first
+    network, fit_line, headline = glance["statements"][0], glance["statements"][2], glance["statements"][3]
+    assert glance["network"]["test_accuracy"] == summary["config"]["model_test_accuracy"] == 0.61
+    assert glance["network"]["low_accuracy"] is True and "0.610" in network and "WARNING" in network
+    assert summary["fit"]["converged"] is False and "did NOT converge" in fit_line and "25 iterations" in fit_line
+    assert f"{summary['fit']['n_active']} of {D} concepts are active" in fit_line
+    assert headline == "TCAV: calibrated on its controls."
+    table = summary["factor_table"]
+    total = sum(row["mass"] for row in table)
+    for concept, row in zip(glance["concepts"], table):
+        assert concept["factor"] == row["factor"]
+        assert concept["top_classes"] == [c["name"] for c in row["top_classes"]]
+        assert concept["share"] == pytest.approx(row["mass"] / total)
+        assert concept["active"] == summary["fit"]["active"][row["factor"]]
+    assert summary["attribute_auc"]["colour"]["values"]["red"] == {"factor": 1, "auc": 1.0}
+    assert glance["concepts"][1]["ground_truth"][0] == "colour red (1.00)"
+    assert glance["concepts"][1]["checks"] == ["TCAV: raises cat at stage3"]
+    assert glance["concepts"][0]["checks"] == [] and "(inactive)" in first
+
+
+def test_a_converged_fit_of_an_accurate_network_has_no_warning(tmp_path):
+    dataset = _dataset(1, rich=False)
+    result = _result(("pixels",), {"pool": 8}, n_restarts=1)
+    config = {**CONFIG, "model_test_accuracy": 0.97, "trained_on": "shapes"}
+    write_report(tmp_path, config=config, dataset=dataset, probe_indices=PROBE, result=result,
+                 pixel_blocks=("pixels",), layer_blocks=["pool"], top_eig_k=2, n_neighbours=10)
+    statements = _strict_json(tmp_path / "summary.json")["glance"]["statements"]
+    assert "WARNING" not in statements[0] and "converged by its own test after 25 iterations" in statements[2]
+    assert len(statements) == 3  # no section added a headline
