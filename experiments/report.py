@@ -436,11 +436,12 @@ def _glance_section(config, probe: _Probe, fit: Mapping, table: list[dict], attr
         matches = [f"{name} ({auc:.2f})" for auc, name in sorted(credited[k], reverse=True) if auc >= 0.8][:3]
         checks = [section.concepts[f"factor {k}"] for section in extra_sections if f"factor {k}" in section.concepts]
         concept = {"factor": k, "active": bool(fit["active"][k]), "share": row["mass"] / total_mass,
-                   "top_classes": [c["name"] for c in row["top_classes"]], "ground_truth": matches, "checks": checks}
+                   "top_classes": [c["name"] for c in row["top_classes"][:2]], "ground_truth": matches,
+                   "checks": checks}
         concepts.append(concept)
         thumbs = _rgb(probe.images[row["top_images"][:_GLANCE_THUMBS]])
         rows.append([f"<b>{k}</b>" + ("" if concept["active"] else " (inactive)"), f"{100 * concept['share']:.1f}%",
-                     html.escape(", ".join(concept["top_classes"])),
+                     html.escape(", ".join(f'{c["name"]} {c["weight"]:.2f}' for c in row["top_classes"][:2])),
                      html.escape("; ".join(matches) or ("-" if attribute_aucs else "no ground truth")),
                      html.escape("; ".join(checks) or "-"),
                      _img(_png_uri(_mosaic(thumbs, thumbs.shape[0]), scale), f"top images of factor {k}", "thumbs")])

@@ -120,8 +120,9 @@ def tcav_section(result: TCAVResult, class_names: Sequence[str], title: str = "T
         finding = (f"{summary or 'no significant class'}{' (and more)' if len(hits) > 6 else ''}; "
                    f"{'beats' if result.beats_classes[k] else 'does not beat'} the class-matched null")
         findings.append(f"<li><b>{html.escape(name)}</b>: {html.escape(finding)}</li>")
-        per_concept[name] = f"TCAV: {summary or 'no significant class'}" + (
-            "; beats the class-matched null" if result.beats_classes[k] else "")
+        short = ", ".join(f"{'raises' if e > 0 else 'lowers'} {cls} at {layer}" for layer, cls, e in hits[:3])
+        per_concept[name] = (f"TCAV: {short or 'no significant class'}{f' (+{len(hits) - 3} more)' if len(hits) > 3 else ''}"
+                             + ("; beats the class-matched null" if result.beats_classes[k] else ""))
         for l, layer in enumerate(result.layers):
             for j, cls in enumerate(class_names):
                 tests.append(jsonable(dict(

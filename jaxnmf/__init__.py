@@ -15,6 +15,7 @@ from ._path import PathPoint, group_sparsity_path
 from ._solver import MUState, Params, make_params, mu_step
 from ._hals import hals_step
 from . import analysis, reference
+from .stability import FactorStability, factor_stability, match_factors
 from .analysis import (attribute_auc, class_weights, factor_table, latent_images, masked_top_images,
                        mean_top_eigenvalues, median_masks, nearest_neighbours, neighbour_factor_distribution,
                        neuron_similarity, similarity_eigenvalues)
@@ -26,4 +27,5 @@ __all__ = [
     "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",
     "latent_images", "median_masks", "masked_top_images", "nearest_neighbours", "neighbour_factor_distribution",
     "attribute_auc",
+    "match_factors", "factor_stability", "FactorStability",
 ]

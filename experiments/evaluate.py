@@ -1,0 +1,168 @@
+"""Does the coupled NMF recover known concepts better than the usual alternatives? Measured side by side.
+
+    python -m experiments.evaluate [--out runs/evaluate] [--model-path runs/quickstart/model] [--data-seed 1]
+
+Trains (or loads with ``--model-path``) ONE network exactly as ``experiments.quickstart`` does,
+probes it with the quickstart's probe images (``shapes``: every image's colour, position, size,
+background and shape are known), builds the blocks once (pixels, stage1:avg, stage2:avg, stage3,
+stage4, pool) and runs on the same images, with the same rank d:
+
+- jaxnmf coupled (pixels + layers, the pipeline's options, NNDSVDa start),
+- jaxnmf on the activation blocks only, and on the pixel blocks only,
+- single-layer NMF (scikit-learn, as DFF and CRAFT do) on each analysed layer separately,
+- k-means (d clusters; score of an image for a cluster: minus its distance to the centroid),
+- PCA (d components; scores: the projections; a component's sign is arbitrary, so PCA alone is
+  credited max(AUC, 1 - AUC), i.e. each component and its negation are candidate factors),
+- a TopK sparse autoencoder (d latents by default, k active per image; scores: the latent codes),
+
+the last three on the concatenated activation blocks, each scaled to unit Frobenius norm (the
+weighting of the coupled fit: examples are samples, neurons features). For each method it reports
+the best-factor ROC AUC of every ground-truth attribute (``jaxnmf.attribute_auc``: each value of
+the attribute is credited to the factor that separates it best; the attribute's AUC is the mean
+over its values), their mean and worst, the relative reconstruction error of what the method
+reconstructs, and its seconds (jaxnmf's include compiling). It also fits the coupled NMF from
+``--restarts-for-stability`` random starts and reports how reproducibly each factor of the best
+of them comes back in the others (``jaxnmf.factor_stability``).
+
+Writes to ``--out``: ``summary.json`` (every number), ``evaluation.md`` (the table, to quote),
+``report.html`` (the table, per-value AUCs and stability; works offline), ``run.json`` and the
+network (``model/``, ``checkpoints/``) when trained here. ``--smoke``: the smallest setting, in
+seconds (used by the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+# light imports only: ``--help`` answers without jax (the heavy modules are imported in main)
+from experiments.cli import DATASETS, help_text
+from experiments.quickstart import DEFAULTS, SMOKE
+
+WITH_ATTRIBUTES = ("shapes",)  # the datasets whose images carry ground-truth attributes (experiments.data)
+SMOKE_EXTRA = dict(restarts_for_stability=2, sae_steps=100)
+SAE_LEARNING_RATE = 1e-3
+
+DATA, NETWORK, METHODS, STABILITY, RUN = ("data", "network and training", "methods", "stability",
+                                          "output and run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {title: parser.add_argument_group(title, text) for title, text in {
+        DATA: "the probe images (the quickstart's by default)",
+        NETWORK: "the CNN whose representations are compared: trained as the quickstart does, or loaded",
+        METHODS: "the methods compared and their settings",
+        STABILITY: "the coupled NMF refitted from random starts",
+        RUN: "where the evaluation is written, and how"}.items()}
+
+    def add(group, flag, default, text, none=None, **kwargs):
+        groups[group].add_argument(flag, default=default, help=help_text(text, default, none), **kwargs)
+
+    add(DATA, "--dataset", DEFAULTS.dataset, "the dataset the network is trained and probed on; only datasets with "
+        "ground-truth attributes can be evaluated: shapes (digits, cifar10 and cifar100 have none)",
+        metavar="{" + ",".join(DATASETS) + "}")
+    add(DATA, "--data-seed", None, "shapes only: seed of the drawn probe images (the test split), so that one "
+        "network can be evaluated on shapes drawn anew; the network's training images keep --seed",
+        none="--seed, the quickstart's probe images", type=int)
+    add(DATA, "--n-probe", DEFAULTS.n_probe, "probe images: the examples every method is fitted to (a class-"
+        "balanced draw from the test split)", type=int)
+    add(NETWORK, "--model-path", None, "load this trained model (a folder written by models.save_model, e.g. "
+        "runs/quickstart/model) instead of training one", none="train one as the quickstart does", metavar="DIR")
+    add(METHODS, "--rank", DEFAULTS.rank, "d: factors of every NMF, clusters of k-means, components of PCA; the "
+        "autoencoder has --sae-width times as many latents", type=int)
+    add(METHODS, "--iterations", DEFAULTS.iterations, "most iterations of every NMF (jaxnmf and scikit-learn)",
+        type=int)
+    add(METHODS, "--sae-width", 1, "latents of the TopK sparse autoencoder, as a multiple of --rank", type=int)
+    add(METHODS, "--sae-k", None, "latents active per image in the TopK sparse autoencoder",
+        none="a quarter of the latents, at least 1", type=int)
+    add(METHODS, "--sae-steps", 2000, f"full-batch Adam steps (learning rate {SAE_LEARNING_RATE:g}) training the "
+        "autoencoder", type=int)
+    add(STABILITY, "--restarts-for-stability", 3, "coupled fits from random starts (keys differing); each factor "
+        "of the lowest-objective one is matched to the others' (Hungarian, on cosines)", type=int)
+    add(RUN, "--out", "runs/evaluate", "the evaluation's folder: summary.json, evaluation.md, report.html (and "
+        "model/ when a network is trained)", metavar="DIR")
+    add(RUN, "--seed", DEFAULTS.seed, "seed of the network's data and training, the probe draw and every method",
+        type=int)
+    groups[RUN].add_argument("--overwrite", action="store_true", help=help_text(
+        "replace an evaluation of other options in --out (and its network if that differs)", False))
+    groups[RUN].add_argument("--smoke", action="store_true", help="the smallest setting, in seconds (used by the "
+                             "tests): the quickstart's smoke sizes, 2 stability fits, 100 autoencoder steps")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options before any work, naming the option (light: no jax)."""
+    def fail(option, problem):
+        raise ValueError(f"--{option.replace('_', '-')}: {problem}")
+
+    if args.dataset not in DATASETS:
+        fail("dataset", f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if args.dataset not in WITH_ATTRIBUTES:
+        fail("dataset", f"{args.dataset} has no ground-truth attributes to measure concept recovery against; "
+                        f"choose {' or '.join(WITH_ATTRIBUTES)}")
+    for name in ("n_probe", "rank", "iterations", "sae_width", "sae_steps"):
+        if getattr(args, name) < 1:
+            fail(name, f"must be >= 1, got {getattr(args, name)}")
+    if args.sae_k is not None and not 1 <= args.sae_k <= args.rank * args.sae_width:
+        fail("sae_k", f"must lie in [1, {args.rank * args.sae_width}] (the autoencoder's latents, --rank x "
+                      f"--sae-width), got {args.sae_k}")
+    if args.restarts_for_stability < 2:
+        fail("restarts_for_stability", f"stability compares fits: at least 2, got {args.restarts_for_stability}")
+    if args.model_path is not None and not (Path(args.model_path) / "model.json").exists():
+        fail("model_path", f"no trained model at {args.model_path} (expected model.json written by "
+                           f"models.save_model)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The evaluation's own options (the network's and the blocks' are a ``RunConfig``)."""
+
+    data_seed: int
+    restarts_for_stability: int
+    sae_width: int
+    sae_k: int
+    sae_steps: int
+    overwrite: bool = False
+
+
+def config_from_args(args: argparse.Namespace):
+    """(``RunConfig``, ``Settings``) of the command line: the quickstart's network and blocks."""
+    smoke = SMOKE if args.smoke else {}
+    cfg = dataclasses.replace(DEFAULTS, dataset=args.dataset, model_path=args.model_path, seed=args.seed,
+                              out=args.out, tcav=False, rank=args.rank, iterations=args.iterations,
+                              n_probe=args.n_probe)
+    cfg = dataclasses.replace(cfg, **smoke)
+    extra = SMOKE_EXTRA if args.smoke else {}
+    latents = cfg.rank * args.sae_width
+    settings = Settings(
+        data_seed=args.seed if args.data_seed is None else args.data_seed,
+        restarts_for_stability=extra.get("restarts_for_stability", args.restarts_for_stability),
+        sae_width=args.sae_width,
+        sae_k=min(args.sae_k, latents) if args.sae_k is not None else max(1, latents // 4),
+        sae_steps=extra.get("sae_steps", args.sae_steps), overwrite=args.overwrite)
+    return cfg, settings
+
+
+def main(argv=None) -> Path:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+        if args.data_seed is not None and args.dataset != "shapes":
+            raise ValueError("--data-seed: only shapes images are drawn with a seed")
+        cfg, settings = config_from_args(args)
+        from experiments import _evaluation  # the heavy part: jax, flax, scikit-learn
+
+        path = _evaluation.evaluate(cfg, settings)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main() and None)
