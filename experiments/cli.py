@@ -230,13 +230,29 @@ def parser_for(prog: str, doc: str, defaults: RunConfig, *, hide: Sequence[str] 
     return parser
 
 
+def refuse_smoke_overrides(parser: argparse.ArgumentParser, argv: Sequence[str], smoke: dict) -> None:
+    """A usage error when the command line sets an option that ``--smoke`` overrides (``smoke``: the
+    option values --smoke sets), so that e.g. ``--smoke --rank 50`` is not silently run at rank 4."""
+    given = []
+    for name in smoke:
+        spellings = (flag(name), "--no-" + flag(name)[2:])
+        if any(tok in spellings or tok.startswith(flag(name) + "=") for tok in argv):
+            given.append(f"{flag(name)} (--smoke sets {_shown(smoke[name], None)})")
+    if given:
+        parser.error(f"{given[0].split(' ')[0]}: --smoke overrides {', '.join(given)}; drop --smoke or the option")
+
+
 def run_cli(parser: argparse.ArgumentParser, cfg: RunConfig, *, extra_notes: Sequence[str] = (),
             studies: Sequence[Callable[[FittedRun], Section]] = ()) -> Path:
     """``run(cfg)``, turning a refused option into the parser's usage error; prints the report path."""
     from experiments.pipeline import run  # the heavy part: imported once the command line is parsed
 
+    from experiments.data import DatasetUnavailable
+
     try:
         report = run(cfg, extra_notes=extra_notes, studies=studies)
+    except DatasetUnavailable as err:  # one clear message, not the chained traceback of tfds
+        parser.exit(2, f"{parser.prog}: error: --dataset {cfg.dataset} (--data-dir {cfg.data_dir}): {err}\n")
     except ValueError as err:
         parser.error(str(err))
     print(f"report: {report}")

@@ -451,7 +451,8 @@ def load_cifar(name: str = "cifar100", split: str = "train", *, data_dir: str | 
       A Dataset with images ``(N, 32, 32, 3)`` float32 in [0, 1] (uint8 / 255).
 
     Raises:
-      RuntimeError: the dataset is not prepared and cannot be prepared here; says what to run.
+      DatasetUnavailable (a RuntimeError): the dataset is not prepared and cannot be prepared
+        here; says what to run.
       ValueError: the data's coarse labels disagree with ``CIFAR100_FINE_TO_COARSE``.
     """
     if name not in _CIFAR_CLASS_NAMES:
@@ -462,7 +463,7 @@ def load_cifar(name: str = "cifar100", split: str = "train", *, data_dir: str | 
             name, split=split, data_dir=data_dir, download=download and _has_tensorflow(),
             builder_kwargs={"file_format": "array_record"})
     except Exception as err:  # tfds raises many unrelated types here; the cause stays chained.
-        raise RuntimeError(_cifar_help(name, data_dir)) from err
+        raise DatasetUnavailable(_cifar_help(name, data_dir, err)) from err
 
     n = len(source)
     images = np.empty((n, _SIDE, _SIDE, 3), dtype=np.float32)
@@ -498,7 +499,11 @@ def _has_tensorflow() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def _cifar_help(name: str, data_dir: str | None) -> str:
+class DatasetUnavailable(RuntimeError):
+    """A dataset that is not on this machine and cannot be prepared here; the message says what to run."""
+
+
+def _cifar_help(name: str, data_dir: str | None, cause: BaseException | None = None) -> str:
     where = data_dir or "tfds's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
     return (
         f"{name} is not prepared as ArrayRecord files in {where}, and it could not be prepared "
@@ -506,4 +511,5 @@ def _cifar_help(name: str, data_dir: str | None) -> str:
         f"    pip install -e '.[cifar]'\n"
         f"    python -c \"from experiments.data import load_cifar; "
         f"load_cifar({name!r}, data_dir={data_dir!r})\"\n"
-        f"after which reading it needs neither. (The cause is chained below.)")
+        f"after which reading it needs neither."
+        + (f" (tfds: {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]})" if cause else ""))

@@ -84,8 +84,13 @@ def build_blocks(
     if images.size and not 0.0 <= images.min() <= images.max() <= 1.0:
         raise ValueError(
             f"images: values must lie in [0, 1], got [{images.min()}, {images.max()}]")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, (int, np.integer, float)):
+        raise ValueError(f"memory_budget_bytes: expected a number of bytes, got {memory_budget_bytes!r}")
+    if not callable(activation_fn):
+        raise TypeError(f"activation_fn: expected a function of a (B, H, W, C) batch returning "
+                        f"{{layer: activations}}, got {activation_fn!r}")
     n, height, width, channels = images.shape
     if n == 0:
         raise ValueError("images: the probe set is empty")
@@ -94,6 +99,9 @@ def build_blocks(
 
     batch_shape = jax.ShapeDtypeStruct((batch, height, width, channels), jnp.float32)
     layer_shapes = jax.eval_shape(activation_fn, batch_shape)
+    if not isinstance(layer_shapes, Mapping):
+        raise TypeError(f"activation_fn: expected it to return a mapping {{layer: activations}}, got "
+                        f"{type(layer_shapes).__name__}")
     for spec, (layer, average) in specs.items():
         if layer not in layer_shapes:
             raise ValueError(

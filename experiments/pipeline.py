@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,10 +49,12 @@ def check_config(cfg: RunConfig) -> None:
         fail("train_restrict", "only the shapes dataset has attributes to restrict")
     if cfg.example_groups not in ("rows", "predicted"):
         fail("example_groups", f"choose 'rows' or 'predicted', got {cfg.example_groups!r}")
-    if not cfg.group_F >= 0:
-        fail("group_F", f"must be >= 0, got {cfg.group_F}")
+    if not (math.isfinite(cfg.group_F) and cfg.group_F >= 0):
+        fail("group_F", f"must be a finite number >= 0, got {cfg.group_F}")
     if cfg.model not in models.LAYERS:
         fail("model", f"unknown model {cfg.model!r}; choose {sorted(models.LAYERS)}")
+    if cfg.model_path is not None and (Path(cfg.model_path) / "model.json").exists():
+        _check_saved_network(cfg, fail)  # before the layers, which are read from --model
     if cfg.variant not in VARIANTS:
         fail("variant", f"unknown variant {cfg.variant!r}; choose {VARIANTS}")
     if cfg.train_preset not in ("fast", "authors"):
@@ -68,11 +72,11 @@ def check_config(cfg: RunConfig) -> None:
             fail(name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("tol", "l2_F", "l1_F", "l2", "l1"):
         value = getattr(cfg, name)
-        if value is not None and not value >= 0:
-            fail(name, f"must be >= 0, got {value}")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            fail(name, f"must be a finite number >= 0, got {value}")
     if (cfg.probe_dataset or cfg.dataset) == "shapes" and cfg.n_probe > cfg.n_test:
         fail("n_probe", f"{cfg.n_probe} probe images but the test split has --n-test {cfg.n_test}")
-    valid = (*models.LAYERS[cfg.model], "softmax")
+    valid = tuple(dict.fromkeys((*models.LAYERS[cfg.model], "softmax")))
     for spec in (*cfg.resolved_layers(), *(cfg.tcav_layers or ())):
         if spec.removesuffix(":avg") not in valid:
             fail("layers", f"unknown layer {spec!r} for {cfg.model}; valid: {', '.join(valid)} (':avg' appended "
@@ -81,6 +85,35 @@ def check_config(cfg: RunConfig) -> None:
         fail("rank", f"rank {cfg.rank} exceeds the number of probe images {cfg.n_probe}")
     if cfg.model_path is not None and not (Path(cfg.model_path) / "model.json").exists():
         fail("model_path", f"no trained model at {cfg.model_path} (expected model.json written by models.save_model)")
+    _check_out(Path(cfg.out), fail)
+
+
+def _check_saved_network(cfg: RunConfig, fail) -> None:
+    """--model and --width must describe the network saved at --model-path: the layers, the report and
+    run.json are read from them."""
+    try:
+        saved = json.loads((Path(cfg.model_path) / "model.json").read_text())
+        name, width = saved["model_name"], saved["model_kwargs"].get("width", 64)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        fail("model_path", f"{cfg.model_path}/model.json is unreadable ({type(error).__name__}: {error})")
+    if (name, width) != (cfg.model, cfg.width):
+        fail("model_path", f"{cfg.model_path} holds a {name} of width {width}, but the options say --model "
+                           f"{cfg.model} --width {cfg.width}: pass --model {name} --width {width}")
+
+
+def _check_out(out: Path, fail) -> None:
+    """--out must be, or be creatable as, a folder this process can write in (tried with a temporary file)."""
+    existing = out.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        fail("out", f"{out} " + ("is a file" if existing == out.resolve() else f"lies under the file {existing}")
+             + ": give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        fail("out", f"cannot write in {existing} ({error.strerror or error}): choose another --out")
 
 
 def parse_restrict(text: str | None) -> dict[str, list[str]] | None:

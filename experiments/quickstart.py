@@ -13,7 +13,7 @@ import dataclasses
 import sys
 
 # the light command line: ``--help`` imports no jax; run_cli imports the pipeline once parsed
-from experiments.cli import RunConfig, config_from_args, parser_for, run_cli
+from experiments.cli import RunConfig, config_from_args, parser_for, refuse_smoke_overrides, run_cli
 
 DEFAULTS = RunConfig(
     dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=6,
@@ -30,6 +30,8 @@ def build_parser():
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.smoke:
+        refuse_smoke_overrides(parser, sys.argv[1:] if argv is None else argv, SMOKE)
     cfg = config_from_args(args)
     run_cli(parser, dataclasses.replace(cfg, **SMOKE) if args.smoke else cfg)
 

@@ -12,20 +12,23 @@ factorised jointly as X_b ~ W_b F with one shared example factor F (d x N).
 """
 from ._fit import NMFResult, aligned_empty, fit, objective, transform
 from ._path import PathPoint, group_sparsity_path
+from ._saved import load_fit, save_fit
 from ._solver import MUState, Params, make_params, mu_step
 from ._hals import hals_step
 from . import analysis, reference
 from .stability import FactorStability, factor_stability, match_factors
+from .rank import RankCurve, choose_rank, rank_curve
 from .analysis import (attribute_auc, class_weights, factor_table, latent_images, masked_top_images,
                        mean_top_eigenvalues, median_masks, nearest_neighbours, neighbour_factor_distribution,
                        neuron_similarity, similarity_eigenvalues)
 
 __all__ = [
-    "fit", "transform", "objective", "NMFResult", "aligned_empty", "group_sparsity_path", "PathPoint", "mu_step", "hals_step", "MUState", "Params",
+    "fit", "transform", "objective", "NMFResult", "save_fit", "load_fit", "aligned_empty", "group_sparsity_path", "PathPoint", "mu_step", "hals_step", "MUState", "Params",
     "make_params",
     "analysis", "reference",
     "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",
     "latent_images", "median_masks", "masked_top_images", "nearest_neighbours", "neighbour_factor_distribution",
     "attribute_auc",
     "match_factors", "factor_stability", "FactorStability",
+    "rank_curve", "choose_rank", "RankCurve",
 ]

@@ -1,7 +1,10 @@
 """``fit`` and ``transform``: the user-facing coupled NMF (validation, scaling, restarts, result)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from tqdm.auto import tqdm
 
 from . import _problem as P
@@ -103,6 +107,10 @@ def collapse_message(st: dict) -> str:
     """The warning of a collapsed fit, naming the penalties that caused it."""
     given = [f"{k}={np.asarray(st[k]).tolist()}" for k in ("group_F", "l2", "l1", "l2_F", "l1_F")
              if np.any(np.asarray(st[k]) > 0)]
+    if not given:
+        return (f"every factor is zero: no component carries more than {ACTIVE_TOL:g} of the weighted data, so F "
+                "means nothing, and no penalty caused it: the data carry (almost) nothing to fit, or the start "
+                "could not move. converged is set False.")
     return (f"every factor is zero: no component carries more than {ACTIVE_TOL:g} of the weighted data, so F "
             f"means nothing. The penalties ({', '.join(given) or 'none'}; penalty_units={st['penalty_units']!r}) "
             "outweigh every component: use smaller ones (e.g. a tenth). converged is set False.")
@@ -112,21 +120,65 @@ def collapse_message(st: dict) -> str:
 class _Scaling:
     """fit solves the equivalent problem X_b / s_b, W_b / s_b (s_b the largest entry of block b),
     objective / c with c = max_b w_b s_b^2, so that any data range stays in floating point; the
-    weights and penalties are mapped so that c J' = J exactly."""
+    weights and penalties are mapped so that c J' = J exactly.
+
+    The steps divide by s_b as they read X_b (``data_scale``), so the data is used in place. A block
+    whose s_b is so large (or small) that its raw products X_b^T W_b could overflow (or 1 / s_b
+    underflow) in the dtype, s_b > max / (16 max(rows_b, N)) or s_b < its inverse (float32: above
+    about 1e35 for blocks of a few thousand rows), is ``prescaled``: ``fit`` divides it by s_b into a
+    copy first (then its ``data_scale`` is 1, s_b rounded to the dtype).
+
+    A block whose scaled weight w_b s_b^2 / c is below eps^2 of the dtype (float32: 1.4e-14) carries
+    less of J than rounding and would underflow: it is iterated with weight eps^2 instead
+    (``floored``), so that its W_b is still fitted to F; F and J are unchanged to rounding."""
 
     s: np.ndarray  # (B,)
     c: float
+    prescaled: np.ndarray  # (B,) bool
+    floored: np.ndarray  # (B,) bool
 
     @classmethod
-    def of(cls, stats: P.BlockStats, weights: np.ndarray) -> "_Scaling":
+    def of(cls, stats: P.BlockStats, weights: np.ndarray, dtype, rows, n: int) -> "_Scaling":
+        info = jnp.finfo(dtype)
         s = np.where(stats.max > 0, stats.max, 1.0)
-        return cls(s=s, c=float(np.max(weights * s * s)))
+        hi = np.minimum(float(info.max) / (16.0 * np.maximum(np.asarray(rows, np.float64), n)),
+                        1.0 / (16.0 * float(info.tiny)))
+        prescaled = (s > hi) | (s < 1.0 / hi)
+        s = np.where(prescaled, s.astype(dtype).astype(np.float64), s)
+        c = float(np.max(weights * s * s))
+        floored = (weights * s * s / c < float(info.eps) ** 2) & (stats.max > 0)  # an all-zero block has nothing to fit
+        return cls(s=s, c=c, prescaled=prescaled, floored=floored)
+
+    @property
+    def data_scale(self) -> np.ndarray:
+        """(B,) what the steps divide each block by as they read it (1 for a prescaled block)."""
+        return np.where(self.prescaled, 1.0, self.s)
+
+    def blocks(self, arrays) -> tuple:
+        """The blocks the steps read: the prescaled ones divided by s_b (a copy), the others as they are."""
+        return tuple(_divide(x, float(s)) if pre else x for x, s, pre in zip(arrays, self.s, self.prescaled))
 
     def params(self, weights, l2, l1, l2_F, l1_F, group_F, dtype):
         s, c = self.s, self.c
-        return make_params(len(s), weights=weights * s * s / c, l2=l2 * s * s / c, l1=l1 * s / c,
+        scaled = np.where(self.floored, float(jnp.finfo(dtype).eps) ** 2, weights * s * s / c)
+        return make_params(len(s), weights=scaled, l2=l2 * s * s / c, l1=l1 * s / c,
                            l2_F=l2_F / c, l1_F=l1_F / c, group_F=group_F / c,
-                           data_scale=s, column_norm=1.0 / s, dtype=dtype)
+                           data_scale=self.data_scale, column_norm=1.0 / s, dtype=dtype)
+
+
+@jax.jit
+def _divide_array(x, root):
+    # two halves, kept apart (XLA folds (x / r) / r into x / r^2): XLA's CPU code multiplies by 1 / s, which is
+    # subnormal, hence 0, near the dtype's maximum
+    return lax.optimization_barrier(x / root) / root
+
+
+def _divide(x, s: float):
+    """Block x / s in its own dtype, a new array (a ``NarrowBlock`` is divided in float32 and packed again)."""
+    root = float(np.sqrt(s))
+    if isinstance(x, NarrowBlock):
+        return _pack_narrow(_divide_array(x.astype(jnp.float32), jnp.float32(root)), x.dtype)
+    return _divide_array(x, jnp.asarray(root, x.dtype))
 
 
 def _check_dtype(dtype) -> jnp.dtype:
@@ -190,6 +242,39 @@ def _check_block_dtype(block_dtype, dtype) -> jnp.dtype:
 @jax.jit
 def _with_statistics_restarts(blocks, states, params):
     return jax.vmap(with_statistics, in_axes=(None, 0, None))(blocks, states, params)
+
+
+class _Interrupted:
+    """Set by the first SIGINT while ``fit`` iterates; true once set."""
+
+    def __init__(self):
+        self.flag = False
+
+    def __bool__(self):
+        return self.flag
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """While ``fit`` iterates in the main thread, a first Ctrl-C (SIGINT) is deferred to the end of the
+    running chunk of iterations (``yield``s a flag that turns true); the handler before it is then put
+    back, so a second Ctrl-C interrupts at once. Elsewhere (other threads), nothing changes."""
+    flag = _Interrupted()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        flag.flag = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        if signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, previous)
 
 
 def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
@@ -271,7 +356,21 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     Returns:
       ``NMFResult``. When no factor is active (``result.collapsed``) a ``RuntimeWarning`` is
       issued and ``converged`` is False.
+
+    Interrupting: a Ctrl-C (SIGINT) while ``fit`` iterates (called from the main thread) stops it at
+    the end of the running chunk of about 50 iterations; ``fit`` then returns the state reached with
+    ``converged=False``, ``settings["interrupted_at"]`` the iteration, and a ``RuntimeWarning``. A
+    second Ctrl-C raises ``KeyboardInterrupt`` as usual.
+
+    Corner cases: with ``solver="mu"`` an explicit ``init`` whose F0 (or every W0_b) is all zero is
+    refused (MU never moves zeros), and components that are zero in it are warned about (they stay
+    zero). Data near the dtype's limits is rescaled internally (see ``_Scaling``); a block whose
+    weight is below rounding against the others' is warned about and fitted to F alone.
     """
+    key = P.check_key(key)
+    progress = P.check_bool(progress, "progress")
+    if one_pass is not None:
+        one_pass = P.check_bool(one_pass, "one_pass")
     dtype = _check_dtype(dtype)
     block_dtype = _check_block_dtype(block_dtype, dtype)
     if one_pass is None:
@@ -292,11 +391,18 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype, block_dtype=block_dtype,
                     one_pass=bool(one_pass), raw_penalties=raw)
 
-    scaling = _Scaling.of(stats, weights)
+    rows = [x.shape[0] for x in arrays]
+    scaling = _Scaling.of(stats, weights, dtype, rows, n)
+    arrays = scaling.blocks(arrays)
     params = scaling.params(weights, raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], dtype)
     sq_norms = jnp.asarray(stats.sq_norm / scaling.s ** 2, dtype)
     means = stats.mean / scaling.s
-    rows = [x.shape[0] for x in arrays]
+    if scaling.floored.any():
+        names = [lb for lb, f in zip(bl.labels, scaling.floored) if f]
+        warnings.warn(f"block_weights: {', '.join(names)} {'carries' if len(names) == 1 else 'carry'} less than {float(jnp.finfo(dtype).eps) ** 2:.2g} of "
+                      f"the weighted objective (w_b max(X_b)^2 against the largest block's) in {dtype}: they do not "
+                      "influence F, and each is fitted to F alone. Use block_weights='frobenius' to give every "
+                      "block an equal say.", RuntimeWarning, stacklevel=2)
     if isinstance(init, tuple):
         f0, w0 = init
         states = MUState(jnp.asarray(f0, dtype), tuple(jnp.asarray(w / s, dtype) for w, s in zip(w0, scaling.s)))
@@ -305,7 +411,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         keys = jax.random.split(key, n_restarts) if n_restarts > 1 else key[None]
         states = jax.vmap(lambda k: init_random(k, n, rows, means, rank, dtype=dtype))(keys)
     else:
-        state = init_nndsvd(arrays, np.asarray(params.weights, np.float64), scaling.s, means, rank, key,
+        state = init_nndsvd(arrays, np.asarray(params.weights, np.float64), scaling.data_scale, means, rank, key,
                             fill_zeros=init == "nndsvda", dtype=dtype)
         states = jax.tree.map(lambda a: a[None], state)
     groups_j = None if groups is None else jnp.asarray(groups)
@@ -320,8 +426,11 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     n_chunks = math.ceil(max_iter / _CHUNK)
     length = check_every * math.ceil(max_iter / (n_chunks * check_every))
     traces = []
-    with tqdm(total=max_iter, desc="coupled NMF", unit="it", disable=not progress, leave=False) as bar:
+    with _deferred_interrupt() as interrupted, \
+            tqdm(total=max_iter, desc="coupled NMF", unit="it", disable=not progress, leave=False) as bar:
         for start in range(0, max_iter, length):
+            if interrupted:
+                break
             carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
                                           start, groups_j, length=length, check_every=check_every,
                                           unit_columns=st["unit_columns"], n_groups=n_groups,
@@ -342,6 +451,11 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     active = active_factors(state.F, state.factors, np.asarray(params.weights, np.float64),
                             np.asarray(sq_norms, np.float64))
     collapsed = not active.any()
+    if interrupted:
+        settings["interrupted_at"] = n_iter
+        warnings.warn(f"fit interrupted (KeyboardInterrupt) at iteration {n_iter} of {max_iter}: the result is the "
+                      "state reached then, with converged=False (settings['interrupted_at'] = the iteration). Press "
+                      "Ctrl-C twice to abort instead.", RuntimeWarning, stacklevel=2)
     if collapsed:
         warnings.warn(collapse_message(st), RuntimeWarning, stacklevel=2)
     if not bool(carry.finite[best]):
@@ -353,7 +467,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         F=state.F, loss=float(final[best]), factors=bl.rebuild([w * s for w, s in zip(state.factors, scaling.s)]),
         losses=trace,
         relative_errors=bl.rebuild([float(r) for r in rel]), n_iter=n_iter,
-        converged=bool(carry.converged[best]) and not collapsed, finite=bool(carry.finite[best]),
+        converged=bool(carry.converged[best]) and not collapsed and not interrupted, finite=bool(carry.finite[best]),
         restart_losses=final, block_weights=bl.rebuild([float(w) for w in weights]), active=active,
         collapsed=collapsed, settings=settings)
 
@@ -374,6 +488,8 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     examples), so a batch drawn like the fit's examples is shrunk like them whatever its size, and
     the training columns get exactly the fit's weights; in raw units it is group_F as given.
     """
+    if not isinstance(result, NMFResult):
+        raise TypeError(f"result must be the NMFResult of jaxnmf.fit, got {type(result).__name__}")
     bl = P.as_blocks(new_blocks, "new_blocks")
     fitted = P.as_blocks(result.factors, "result.factors")
     if bl.keys != fitted.keys:
@@ -389,10 +505,10 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     dtype = st["dtype"]
     bl = bl.map(lambda x: _to_device(x, dtype))
     stats = P.block_stats(bl)
-    scaling = _Scaling.of(stats, st["weights"])
+    scaling = _Scaling.of(stats, st["weights"], dtype, [x.shape[0] for x in bl.arrays], n_new)
     raw = st["raw_penalties"]
     params = scaling.params(st["weights"], raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], group_F, dtype)
-    arrays = bl.arrays
+    arrays = scaling.blocks(bl.arrays)
     factors = tuple(jnp.asarray(w / s, dtype) for w, s in zip(fitted.arrays, scaling.s))
     F0 = jnp.full((st["rank"], n_new), float(jnp.mean(result.F)) or 1.0, dtype)
     F, _ = _run_transform(arrays, F0, factors, params, jnp.asarray(tol, dtype),
@@ -428,6 +544,28 @@ def _transform_groups(st: dict, n_fit: int, example_groups, n_new: int):
     return groups, n_groups, unit * np.sqrt(np.bincount(groups, minlength=n_groups))
 
 
+def _check_objective_factors(F, fac: P.Blocks, bl: P.Blocks) -> jax.Array:
+    """F as a JAX array after checking F (rank, N) and every W_b (rows_b, rank): float32 or float64,
+    finite, non-negative, shapes matching the blocks."""
+    dtype = getattr(F, "dtype", None) or np.asarray(F).dtype
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.float64):
+        raise TypeError(f"F must be float32 or float64 (rank, N), got dtype {dtype}")
+    F = jnp.asarray(F)
+    n = bl.arrays[0].shape[1]
+    if F.ndim != 2 or F.shape[1] != n:
+        raise ValueError(f"F must be (rank, N) with N = {n} (the blocks' columns), got shape {F.shape}")
+    rank = F.shape[0]
+    for label, x, w in zip(fac.labels, bl.arrays, fac.arrays):
+        if tuple(w.shape) != (x.shape[0], rank):
+            raise ValueError(f"factors: {label} has shape {tuple(w.shape)}, expected (rows, rank) = "
+                             f"{(x.shape[0], rank)} (rank from F {F.shape})")
+    for name, a in [("F", F)] + [(f"factors: {lb}", w) for lb, w in zip(fac.labels, fac.arrays)]:
+        a = np.asarray(a)
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise ValueError(f"{name} must be finite and non-negative")
+    return F
+
+
 def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
               block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
               penalty_units: str = "relative") -> jax.Array:
@@ -442,7 +580,8 @@ def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: flo
         raise ValueError(f"factors have blocks {list(fac.keys)}, blocks have {list(bl.keys)}")
     if not isinstance(penalty_units, str) or penalty_units not in P.PENALTY_UNITS:
         raise ValueError(f"penalty_units must be one of {P.PENALTY_UNITS}, got {penalty_units!r}")
-    F = jnp.asarray(F)
+    F = _check_objective_factors(F, fac, bl)
+    P.block_stats(bl)  # every block finite and non-negative
     arrays = tuple(jnp.asarray(x, F.dtype) for x in bl.arrays)
     sq = np.array([float(jnp.sum(x * x)) for x in arrays])
     if isinstance(block_weights, str) and block_weights == "frobenius":

@@ -54,6 +54,8 @@ def group_sparsity_path(blocks, rank: int, group_F: Sequence[float], *, key, **f
     for value in values:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="every factor is zero", category=RuntimeWarning)
+            # the warm start keeps the factors the previous point switched off: zero, on purpose
+            warnings.filterwarnings("ignore", message="init: components", category=RuntimeWarning)
             result = fit(blocks, rank, key=key, group_F=value, **options)
         points.append(PathPoint(value, result))
         options.update(init=(result.F, result.factors), n_restarts=1)

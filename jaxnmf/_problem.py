@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,9 +126,13 @@ def _device_row_stats(x):
     finite, lo, hi = fold_row_tiles(x, tile, extremes, (jnp.array(True), jnp.array(jnp.inf, dtype),
                                                         jnp.array(-jnp.inf, dtype)))
     scale = jnp.where(hi > 0, hi, 1)
+    # XLA's CPU code divides by multiplying with the reciprocal, which flushes to 0 once it is subnormal
+    # (scale > 1 / tiny, near the dtype's maximum): such a scale is divided out in two halves
+    big, root = scale > 1 / (4 * jnp.finfo(dtype).tiny), jnp.sqrt(scale)
 
     def sums(start, x_t, acc):
-        y = x_t.astype(dtype) / scale
+        x_t = x_t.astype(dtype)
+        y = jnp.where(big, lax.optimization_barrier(x_t / root) / root, x_t / scale)  # barrier: XLA would fold it back
         return tuple(lax.dynamic_update_slice_in_dim(a, v, start, 0)
                      for a, v in zip(acc, (jnp.sum(y * y, axis=1), jnp.sum(y, axis=1))))
 
@@ -162,17 +167,31 @@ def block_stats(blocks: Blocks) -> BlockStats:
     return BlockStats(np.array(maxs), np.array(sq), np.array(means))
 
 
+def _float(value: Any, arg: str) -> float:
+    if isinstance(value, (str, bytes)) or np.iscomplexobj(value):
+        raise TypeError(f"{arg} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{arg} must be a real number, got {value!r}") from None
+
+
 def per_block(value: Any, blocks: Blocks, arg: str, *, positive: bool = False) -> np.ndarray:
     """Resolve a scalar, a sequence (one per block) or a mapping (by block key) to (B,) floats."""
     b = len(blocks.keys)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{arg} must be a number, one per block or a mapping by block, got {value!r}")
     if np.ndim(value) == 0 and not isinstance(value, Mapping):
-        vals = np.full(b, float(value))
+        vals = np.full(b, _float(value, arg))
     elif isinstance(value, Mapping):
         if set(value.keys()) != set(blocks.keys):
             raise ValueError(f"{arg} has keys {sorted(map(repr, value))} but blocks have {sorted(map(repr, blocks.keys))}")
-        vals = np.array([float(value[k]) for k in blocks.keys])
+        vals = np.array([_float(value[k], f"{arg}[{k!r}]") for k in blocks.keys])
     else:
-        vals = np.asarray(value, dtype=np.float64).reshape(-1)
+        try:
+            vals = np.asarray(value, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise TypeError(f"{arg} must be a number, one per block or a mapping by block, got {value!r}") from None
         if vals.shape[0] != b:
             raise ValueError(f"{arg} has {vals.shape[0]} values for {b} blocks: give one number or one per block")
     if not np.isfinite(vals).all():
@@ -185,7 +204,7 @@ def per_block(value: Any, blocks: Blocks, arg: str, *, positive: bool = False) -
 
 
 def scalar(value: Any, arg: str) -> float:
-    v = float(value)
+    v = _float(value, arg)
     if not np.isfinite(v) or v < 0:
         raise ValueError(f"{arg} must be a finite number >= 0, got {value!r}")
     return v
@@ -251,6 +270,23 @@ def check_init(init: Any, blocks: Blocks, rank: int) -> str | tuple[np.ndarray, 
     return f0, ws
 
 
+def check_mu_init(init: tuple, blocks: Blocks) -> None:
+    """Multiplicative updates never move an exact zero: an explicit init whose F0 (or every W0_b) is
+    all zero is refused; a component k whose row F0[k] or whose columns W0_b[:, k] in every block are
+    all zero stays zero for ever, which is warned about (it is then inactive in the result)."""
+    f0, ws = init
+    if not f0.any() or not any(w.any() for w in ws):
+        raise ValueError(("init: F0 is all zero" if not f0.any() else "init: every block factor is all zero")
+                         + "; multiplicative updates (solver='mu') never move zeros, so nothing would be fitted: "
+                           "give positive entries, or use solver='hals', which can")
+    dead = [k for k in range(f0.shape[0]) if not f0[k].any() or not any(w[:, k].any() for w in ws)]
+    if dead:
+        warnings.warn(f"init: components {dead} are zero (a zero row of F0 or zero columns of every W0_b); "
+                      "multiplicative updates (solver='mu') keep them zero, so the fit has at most "
+                      f"{f0.shape[0] - len(dead)} active factors. Give them positive entries or use solver='hals'.",
+                      RuntimeWarning, stacklevel=4)
+
+
 def check_groups(example_groups: Any, n: int) -> tuple[np.ndarray | None, int]:
     """Example groups for the group-sparse penalty: None (groups = rows of F) or (N,) ints."""
     if example_groups is None:
@@ -262,6 +298,22 @@ def check_groups(example_groups: Any, n: int) -> tuple[np.ndarray | None, int]:
         raise ValueError("example_groups must be >= 0")
     _, inverse = np.unique(g, return_inverse=True)
     return inverse.astype(np.int32), int(inverse.max()) + 1
+
+
+def check_bool(value: Any, arg: str) -> bool:
+    """``value`` as a bool; only True, False (or NumPy bools) are accepted: bool("no") is True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{arg} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_key(key: Any, arg: str = "key") -> jax.Array:
+    """A ``jax.random`` key: a typed key (``jax.random.key``) or a raw uint32 (2,) one (``PRNGKey``)."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+        return key
+    if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,):
+        return key
+    raise TypeError(f"{arg} must be a jax.random key, e.g. jax.random.key(0), got {key!r}")
 
 
 def check_positive_int(value: Any, arg: str, *, minimum: int = 1) -> int:
@@ -295,6 +347,8 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
     if not isinstance(penalty_units, str) or penalty_units not in PENALTY_UNITS:
         raise ValueError(f"penalty_units must be one of {PENALTY_UNITS}, got {penalty_units!r}")
     init = check_init(init, bl, rank)
+    if solver == "mu" and isinstance(init, tuple):
+        check_mu_init(init, bl)
     n_restarts = check_positive_int(n_restarts, "n_restarts")
     if n_restarts > 1 and not (isinstance(init, str) and init == "random"):
         raise ValueError("n_restarts > 1 needs init='random': NNDSVD and explicit inits are deterministic")
@@ -305,7 +359,7 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
         init=init, l2=per_block(l2, bl, "l2"), l1=per_block(l1, bl, "l1"), l2_F=scalar(l2_F, "l2_F"),
         l1_F=scalar(l1_F, "l1_F"), group_F=scalar(group_F, "group_F"), example_groups=groups, n_groups=n_groups,
         group_labels=None if groups is None else np.unique(np.asarray(example_groups)),
-        unit_columns=bool(unit_columns), penalty_units=penalty_units)
+        unit_columns=check_bool(unit_columns, "unit_columns"), penalty_units=penalty_units)
     if convert is not None:
         bl = bl.map(convert)
     stats = block_stats(bl)

@@ -14,6 +14,8 @@ Example::
 import functools
 from typing import Sequence
 
+import flax
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,7 +94,14 @@ def capture_activations(
         raise ValueError(f"images must be (B, H, W, C), got shape {jnp.shape(images)}")
     if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
         raise ValueError(f"images must be floats in [0, 1], got dtype {jnp.result_type(images)}")
-    captured = _capture(model, layers, variables, images)
+    try:
+        captured = _capture(model, layers, variables, images)
+    except flax.errors.ScopeParamShapeError as error:  # the images do not fit the variables' first layer
+        raise ValueError(f"images of shape {tuple(jnp.shape(images))} do not fit the model's variables (its "
+                         f"input channels differ): {str(error).split(' (https')[0]}") from None
+    except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeParamNotFoundError) as error:
+        raise ValueError(f"variables must be the model's {{'params', 'batch_stats'}}: "
+                         f"{str(error).split(' (https')[0]}") from None
     return {name: captured[name] for name in layers}  # jit returns dicts in sorted key order
 
 

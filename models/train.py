@@ -80,9 +80,30 @@ class TrainConfig:
     eval_batch_size: int = 500
 
     def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "warmup_epochs", "crop_padding"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {value!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "momentum", "weight_decay", "lr_decay_factor", "max_rotation"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.lr_decay_factor > 0:
+            raise ValueError(f"lr_decay_factor must be > 0, got {self.lr_decay_factor}")
+        for name in ("nesterov", "flip"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         if self.schedule == "cosine" and not 0 <= self.warmup_epochs < self.epochs:
@@ -385,6 +406,20 @@ def _restore(manager: ocp.CheckpointManager, state: _TrainState, run: dict, epoc
     return state, []
 
 
+def _check_checkpoint_dir(checkpoint_dir) -> None:
+    """Refuse, before any epoch, a ``checkpoint_dir`` that is, or lies under, a file, or that cannot
+    be written (orbax would only fail in its background thread after the first epoch)."""
+    path = os.path.abspath(checkpoint_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise ValueError(f"checkpoint_dir {path} {where}: give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"checkpoint_dir {path}: {existing} is not writable")
+
+
 def train(
     model: nn.Module,
     train_images,
@@ -420,6 +455,12 @@ def train(
     Returns:
         `TrainResult` with the variables, the last test accuracy and the per-epoch history.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a models.TrainConfig, got {type(config).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer))):
+        raise TypeError(f"epochs must be an int or None, got {epochs!r}")
     train_images, train_labels, test_images, test_labels = _check_data(
         model, train_images, train_labels, test_images, test_labels
     )
@@ -448,6 +489,7 @@ def train(
     history: list[dict] = []
     manager = None
     if checkpoint_dir is not None:
+        _check_checkpoint_dir(checkpoint_dir)
         manager = ocp.CheckpointManager(
             os.path.abspath(checkpoint_dir),
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
