@@ -1,5 +1,7 @@
-"""Shared test settings (float64 available, strict rank promotion) and the CIFAR mock."""
+"""Shared test settings (float64 available, strict rank promotion, one compilation cache) and the
+CIFAR mock."""
 import contextlib
+import os
 
 import jax
 import pytest
@@ -8,6 +10,20 @@ from tensorflow_datasets.testing import mocking
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+    """JAX's persistent compilation cache in pytest's cache folder, shared by the xdist workers and
+    by the runs tests start as subprocesses (through the environment): many test files compile the
+    same small networks and fits. Entries are keyed by the program, the compiler and the JAX
+    version, so a stale one is never used."""
+    if getattr(config, "cache", None) is None:
+        return
+    folder = str(config.cache.mkdir("xla-compilation-cache"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def unbound_getitems(*args, generator, serialized=False):

@@ -39,7 +39,8 @@ quickstart.main(sys.argv[4:])
 
 
 def quickstart(out, kill_at=None):
-    """Run the quickstart into ``out``; ``kill_at`` = (module, function, n): SIGKILL on the n-th call."""
+    """Run the quickstart into ``out``; ``kill_at`` = (module, function, n): SIGKILL on the n-th call.
+    The runs share the suite's compilation cache (tests/conftest.py sets it in the environment)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     args = ["--out", str(out), *OPTIONS]
     command = ([sys.executable, "-c", KILL_AT, *map(str, kill_at), *args] if kill_at
