@@ -2,7 +2,8 @@
 
 ``run(RunConfig(...))`` is what ``experiments.quickstart`` and ``experiments.paper`` call; the
 scripts only choose defaults and parse options. Every run writes one folder (``config.out``):
-``report.html`` and its files (see ``experiments.report``), ``model/`` (the trained network,
+``report.html`` and its files (see ``experiments.report``), ``fit.npz`` (the fit itself, for
+``jaxnmf.load_fit`` and ``jaxnmf.transform`` on new images), ``model/`` (the trained network,
 its training data and test accuracy) and ``checkpoints/`` (orbax, one per epoch: a killed run
 resumes training from the last one when started again with the same options). ``run.json`` holds
 the run's options and ``"complete": true`` once every result is written (``experiments.run_folder``:
@@ -168,7 +169,8 @@ def trained_model(cfg: RunConfig, train: data_lib.Dataset, test: data_lib.Datase
     result = models.train(model, train.images, train.labels, test.images, test.labels, tc, seed=cfg.seed,
                           checkpoint_dir=out / "checkpoints")
     meta = dict(dataset=f"{cfg.dataset} train split ({len(train)} images)", test_accuracy=float(result.test_accuracy),
-                seed=cfg.seed, train_config=dataclasses.asdict(tc))
+                seed=cfg.seed, train_config=dataclasses.asdict(tc), input_shape=list(train.images.shape[1:]),
+                class_names=list(train.class_names))  # experiments.explain reads these
     models.save_model(out / "model", cfg.model, dict(num_classes=len(train.class_names), width=cfg.width),
                       result.variables, meta)
     print(f"test accuracy {result.test_accuracy:.3f}")
@@ -278,6 +280,7 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
                  f"their labels on {np.mean(predicted == probe.labels[idx]):.3f} of them." if same_labels else
                  f"Probe images: {len(idx)} from {probe.name} ({probe.split}), not the network's training "
                  f"distribution; classes in the tables are {probe.name}'s, TCAV uses the network's predictions.")
+    jaxnmf.save_fit(result, out / "fit.npz")  # jaxnmf.load_fit: explain new images against this fit
     report = write_report(out, config=config, dataset=probe, probe_indices=idx, result=result,
                           pixel_blocks=pixel_blocks, layer_blocks=[b for b in blocks if b not in pixel_blocks],
                           top_eig_k=min(_TOP_EIG_K[cfg.model], cfg.rank),

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+import jaxnmf
 from experiments import quickstart
 from experiments.pipeline import RunConfig, check_config
 from offline_html import assert_offline
@@ -37,6 +38,9 @@ def test_quickstart_smoke_writes_a_complete_report(smoke_run):
     factors = np.load(tmp_path / "factors.npz")
     assert factors["F"].shape == (4, 96)
     assert factors["stage3"].shape[1] == 4 and factors["pixels_r"].shape == (1024, 4)
+    fit = jaxnmf.load_fit(tmp_path / "fit.npz")  # the fit itself, for transform on new images
+    np.testing.assert_allclose(np.asarray(fit.F), factors["F"], rtol=1e-6)
+    assert fit.loss == pytest.approx(summary["fit"]["loss"]) and set(fit.factors) == set(summary["data"]["blocks"])
     assert (tmp_path / "model" / "model.json").exists()
     assert list(tmp_path.glob("*.png"))
 

@@ -101,7 +101,8 @@ def test_overwrite_replaces_the_run_and_leaves_no_old_file(base, tmp_path):
     # another network (a loaded one): the old model/ and checkpoints/ went with the old results
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
     files = {p.name for p in out.iterdir()}
-    assert files == {"report.html", "summary.json", "factors.npz", "timing.json", "run.json", *new["figures"]}
+    assert files == {"report.html", "summary.json", "factors.npz", "fit.npz", "timing.json", "run.json",
+                     *new["figures"]}
 
 
 def test_an_interrupted_run_is_completed_by_a_rerun(base, tmp_path, monkeypatch):
