@@ -17,7 +17,7 @@ from jax import lax
 import jaxnmf
 from jaxnmf import reference
 from jaxnmf._one_pass import OnePassStep, with_statistics
-from jaxnmf._solver import pack_narrow
+from jaxnmf._tiles import pack_narrow
 
 _HIGHEST = lax.Precision.HIGHEST  # jaxnmf's precision (matters on GPUs, where the default is TF32)
 

@@ -13,7 +13,7 @@ factorised jointly as X_b ~ W_b F with one shared example factor F (d x N).
 from ._fit import NMFResult, aligned_empty, fit, objective, transform
 from ._path import PathPoint, group_sparsity_path
 from ._saved import load_fit, save_fit
-from ._solver import MUState, Params, make_params, mu_step
+from ._mu import MUState, Params, make_params, mu_step
 from ._hals import hals_step
 from . import analysis, reference
 from .stability import FactorStability, factor_stability, match_factors

@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 from . import _problem as P
 from ._hals import hals_step
 from ._one_pass import OnePassStep, with_statistics
-from ._solver import objective as _objective
-from ._solver import (MUState, NarrowBlock, _initial_carry_restarts, _run_restarts, _run_transform, balance,
-                      init_nndsvd, init_random, make_params, mu_step, objective_restarts, pack_narrow, relative_errors)
+from ._init import balance, init_nndsvd, init_random
+from ._loop import _initial_carry_restarts, _run_restarts, _run_transform, objective_restarts
+from ._mu import MUState, make_params, mu_step, relative_errors
+from ._mu import objective as _objective
+from ._tiles import NarrowBlock, pack_narrow
 
 _CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
 _STEPS = {"mu": mu_step, "hals": hals_step}
@@ -312,7 +314,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     ``result.settings["raw_penalties"]`` holds the raw values used (l2, l1 per block, l2_F, l1_F,
     group_F per group). Before iterating, each component k of the initialisation is rescaled,
     F_k -> c_k F_k, W_b[:, k] -> W_b[:, k] / c_k, with c_k minimising the penalties (``W b F`` and
-    the fit term unchanged; ``_solver.balance``), except with ``unit_columns``.
+    the fit term unchanged; ``_init.balance``), except with ``unit_columns``.
 
     Args:
       blocks: sequence or mapping of non-negative 2-D arrays (rows_b, N), same N. The result

@@ -1,6 +1,6 @@
-"""Coupled HALS (hierarchical alternating least squares) for the objective of ``_solver``, in JAX.
+"""Coupled HALS (hierarchical alternating least squares) for the objective of ``_mu``, in JAX.
 
-Same objective, factors and ``Params`` as the multiplicative updates (``_solver``):
+Same objective, factors and ``Params`` as the multiplicative updates (``_mu``):
 
     J(F, W) = sum_b w_b ||X_b - W_b F||_F^2
               + l2_F ||F||_F^2 + sum_b l2_b ||W_b||_F^2
@@ -78,7 +78,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._solver import MUState, Params, _dot, _penalties, factor_statistics
+from ._mu import MUState, Params, _penalties, factor_statistics
+from ._tiles import dot as _dot
 
 SWEEPS = 4  # sweeps over F's rows (W's columns) per pass over the data: see "Inner sweeps" above
 

@@ -1,4 +1,4 @@
-"""One pass over the data per iteration: the MU and HALS steps of ``_solver`` and ``_hals``, reordered.
+"""One pass over the data per iteration: the MU and HALS steps of ``_mu`` and ``_hals``, reordered.
 
 A plain step reads every block twice: R = sum_b w_b W_b^T X_b for the update of F, then
 X_b F^T with the new F for the update of W_b. But the update of W_b is separable by rows: a tile
@@ -18,7 +18,7 @@ The objective at the new state comes from the pass too: ||X_b - W_b F||^2 = ||X_
 - 2 <W_b, X_b F^T> + <W_b^T W_b, F F^T>, with <W_b, X_b F^T> = sum_k D_kk c_k summed from
 c = column sums of W_t * P_t over the tiles.
 
-Blocks may be stored narrower than the factors (``_solver.NarrowBlock``: bfloat16 blocks, float32
+Blocks may be stored narrower than the factors (``_tiles.NarrowBlock``: bfloat16 blocks, float32
 factors): each tile is converted as it is read, so no full-size converted copy exists (the plain
 step would make one per block and pass). Tiles are contiguous rows of about ``PASS_TILE_BYTES`` after
 conversion.
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._hals import SWEEPS, hals_update_F_from, hals_update_rows
-from ._solver import (MUState, Params, _dot, _floor, _penalties, factor_statistics, fold_row_tiles, mu_update_F_from,
-                      mu_update_rows, tile_rows)
+from ._mu import MUState, Params, _floor, _penalties, factor_statistics, mu_update_F_from, mu_update_rows
+from ._tiles import dot as _dot, fold_row_tiles, tile_rows
 
 PASS_TILE_BYTES = 16 << 20  # rows per tile: about this many bytes of converted data (the fastest of 8 to 64 MB here)
 
@@ -78,7 +78,7 @@ def _block_pass(x, w, F, FFt, weight, scale, l2, l1, update_rows, tile_bytes):
 
 @dataclasses.dataclass(frozen=True)
 class OnePassStep:
-    """The MU or HALS step reading the data once; a ``step_fn`` for ``_solver._run`` on ``PassState``.
+    """The MU or HALS step reading the data once; a ``step_fn`` for ``_loop._run`` on ``PassState``.
 
     Same contract as ``mu_step``: ``step(blocks, state, params, data_sq_norms, *, unit_columns,
     groups, n_groups) -> (new state, J at it)``, J from the pass's products (module docstring).

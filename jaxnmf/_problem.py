@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._solver import NarrowBlock, fold_row_tiles, tile_rows
+from ._tiles import NarrowBlock, fold_row_tiles, tile_rows
 
 INITS = ("random", "nndsvd", "nndsvda")
 BLOCK_WEIGHTS = ("none", "frobenius")

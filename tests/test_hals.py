@@ -11,7 +11,8 @@ import pytest
 import jaxnmf
 from jaxnmf import reference
 from jaxnmf._hals import hals_step, hals_update_F, hals_update_W
-from jaxnmf._solver import MUState, _run_restarts, make_params, objective
+from jaxnmf._loop import _run_restarts
+from jaxnmf._mu import MUState, make_params, objective
 
 KEY = jax.random.key(0)
 ITERS = 40

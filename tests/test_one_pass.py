@@ -11,7 +11,9 @@ from jaxnmf._fit import _to_device
 from jaxnmf._hals import hals_step
 from jaxnmf._one_pass import OnePassStep, with_statistics
 from jaxnmf._problem import as_blocks, block_stats
-from jaxnmf._solver import MUState, NarrowBlock, init_nndsvd, make_params, mu_step
+from jaxnmf._init import init_nndsvd
+from jaxnmf._mu import MUState, make_params, mu_step
+from jaxnmf._tiles import NarrowBlock
 
 KEY = jax.random.key(0)
 PENALTIES = dict(weights=[1.0, 2.0, 0.5], l2=[0.1, 0.0, 0.2], l1=[0.0, 0.3, 0.1], l2_F=0.1, l1_F=0.05, group_F=0.2)

@@ -5,7 +5,8 @@ import pytest
 
 import jaxnmf
 from jaxnmf import reference
-from jaxnmf._solver import MUState, _penalties, balance, make_params
+from jaxnmf._init import balance
+from jaxnmf._mu import MUState, _penalties, make_params
 
 KEY = jax.random.key(0)
 

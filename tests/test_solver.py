@@ -5,7 +5,7 @@ import pytest
 
 import jaxnmf
 from jaxnmf import reference
-from jaxnmf._solver import _run_restarts
+from jaxnmf._loop import _run_restarts
 
 KEY = jax.random.key(0)
 
@@ -242,7 +242,7 @@ def test_a_non_finite_step_stops_the_fit_with_a_warning(monkeypatch):
     """A step whose objective is NaN is discarded: the fit returns the last finite iterate (here
     the start) with finite=False and converged=False, and says so."""
     import jaxnmf._fit as fit_module
-    from jaxnmf._solver import mu_step
+    from jaxnmf._mu import mu_step
 
     def nan_step(blocks, state, params, sq_norms, **kw):
         new, loss = mu_step(blocks, state, params, sq_norms, **kw)
