@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,6 +17,7 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from . import _checkpoint
 from . import _problem as P
 from ._hals import hals_step
 from ._one_pass import OnePassStep, with_statistics
@@ -283,7 +286,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
         dtype=jnp.float32, check_every: int = 10, progress: bool = False, solver: str = "mu",
-        one_pass: bool | None = None, block_dtype=None, penalty_units: str = "relative") -> NMFResult:
+        one_pass: bool | None = None, block_dtype=None, penalty_units: str = "relative",
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100) -> NMFResult:
     """Coupled NMF of blocks X_b ~ W_b F with one shared example factor F (paper Eq. 3.1, 3.2).
 
     Minimises J = sum_b w_b ||X_b - W_b F||^2 + l2_F ||F||^2 + sum_b l2_b ||W_b||^2
@@ -354,6 +358,12 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         (except with ``unit_columns``).
       penalty_units: "relative" (default) or "raw": the units of l2_F, l1_F, l2, l1 and group_F
         (see above).
+      checkpoint: a file (``.npz``) where the loop's state is saved, atomically, after the first
+        chunk of iterations that ends ``checkpoint_every`` or more iterations after the last save,
+        and at the end. A fit started again with the same data and options resumes from it
+        (bit-identical on a CPU to a fit never stopped; a finished fit returns at once); a
+        checkpoint of other data or options is refused with a ValueError (``jaxnmf._checkpoint``).
+      checkpoint_every: iterations between checkpoints (rounded up to whole chunks of ~50).
 
     Returns:
       ``NMFResult``. When no factor is active (``result.collapsed``) a ``RuntimeWarning`` is
@@ -371,6 +381,13 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     """
     key = P.check_key(key)
     progress = P.check_bool(progress, "progress")
+    checkpoint_every = P.check_positive_int(checkpoint_every, "checkpoint_every")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a file path or None, got {type(checkpoint).__name__}")
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_dir():
+            raise ValueError(f"checkpoint: {checkpoint} is a folder; give a file name")
     if one_pass is not None:
         one_pass = P.check_bool(one_pass, "one_pass")
     dtype = _check_dtype(dtype)
@@ -427,10 +444,22 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     # chunks of about _CHUNK iterations, a multiple of check_every, that waste little past max_iter
     n_chunks = math.ceil(max_iter / _CHUNK)
     length = check_every * math.ceil(max_iter / (n_chunks * check_every))
-    traces = []
+    traces, first, saved_at = [], 0, 0
+    if checkpoint is not None:
+        fingerprint = _checkpoint.fingerprint(
+            shapes=[(x.shape, str(x.dtype)) for x in arrays], max=stats.max, sq_norm=stats.sq_norm, mean=stats.mean,
+            settings=[(k, v) for k, v in sorted(settings.items()) if not isinstance(v, (dict, np.ndarray))],
+            arrays=[v for _, v in sorted(settings.items()) if isinstance(v, np.ndarray)],
+            raw=[np.asarray(raw[k]) for k in sorted(raw)], key=jax.random.key_data(key), layout=(length, n_restarts),
+            init=list(init) if isinstance(init, tuple) else init)
+        resumed = _checkpoint.load(checkpoint, fingerprint, carry)
+        if resumed is not None:
+            first, carry, trace = resumed
+            traces, saved_at = [trace], first
     with _deferred_interrupt() as interrupted, \
-            tqdm(total=max_iter, desc="coupled NMF", unit="it", disable=not progress, leave=False) as bar:
-        for start in range(0, max_iter, length):
+            tqdm(total=max_iter, initial=first, desc="coupled NMF", unit="it", disable=not progress,
+                 leave=False) as bar:
+        for start in range(first, max_iter, length):
             if interrupted:
                 break
             carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
@@ -440,7 +469,12 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
             traces.append(np.asarray(losses, np.float64))
             bar.update(min(length, max_iter - start))
             bar.set_postfix(loss=float(np.min(np.asarray(carry.loss, np.float64)) * scaling.c))
-            if bool(jnp.all(carry.converged | ~carry.finite)):
+            done = bool(jnp.all(carry.converged | ~carry.finite)) or start + length >= max_iter
+            if checkpoint is not None and (done or start + length - saved_at >= checkpoint_every):
+                saved_at = start + length
+                _checkpoint.save(checkpoint, fingerprint, saved_at if not done else max_iter, carry,
+                                 np.concatenate(traces, axis=1))
+            if done:
                 break
 
     final = np.asarray(objective_restarts(arrays, carry.state, params, groups_j, n_groups=n_groups), np.float64)
