@@ -8,7 +8,12 @@
 - ``summary.json``: configuration, data sizes, fit diagnostics, the factor table, per-layer
   eigenvalues and mean of the top K, neighbours, attribute AUCs (strict JSON: NaN -> null).
 - ``factors.npz``: ``F`` (d, N), every block factor under its block name (rows_b, d),
-  ``labels`` (N,), ``superlabels`` (N,) when the dataset has them, and ``probe_indices`` (N,).
+  ``labels`` (N,) (absent for unlabelled images), ``superlabels`` (N,) when the dataset has
+  them, and ``probe_indices`` (N,).
+
+Unlabelled images (``dataset.labels`` None) get the same report less its class-based parts (the
+class columns of the factor table, the neighbour image's class, the class AUC); the report says
+which were left out and why (``UNLABELLED_NOTE``).
 
 Every file is written atomically (``experiments._atomic``), ``report.html`` last: a reader never
 finds half a file, and a folder with ``report.html`` holds every other file of the report.
@@ -47,7 +52,7 @@ from jaxnmf.analysis import (
 )
 from experiments._atomic import savefig_atomic, savez_atomic, write_text_atomic
 
-__all__ = ["Section", "write_report"]
+__all__ = ["Section", "UNLABELLED_NOTE", "write_report"]
 
 _RESERVED_NPZ_KEYS = ("F", "labels", "superlabels", "probe_indices")
 _THUMBS_PER_FACTOR = 8
@@ -186,6 +191,10 @@ _SOLVERS = {
 # below this test accuracy (0.6 for more than 20 classes) the summary warns about the network
 LOW_ACCURACY, LOW_ACCURACY_MANY_CLASSES = 0.8, 0.6
 _GLANCE_THUMBS = 4
+UNLABELLED_NOTE = ("The probe images have no labels, so the parts of this report that need a class for every image "
+                   "are left out: the class columns of the factor table (Table 1: class weights, top superclass and "
+                   "their entropy), the top classes of each concept in the summary, the class of the neighbour "
+                   "image and the class AUC. Everything else is found without labels and is complete.")
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1180px;
@@ -344,9 +353,9 @@ class _Probe:
 
     indices: np.ndarray        # (N,) into the dataset
     images: np.ndarray         # (N, H, W, C)
-    labels: np.ndarray         # (N,)
+    labels: np.ndarray | None  # (N,); None for unlabelled images
     superlabels: np.ndarray | None
-    class_names: list[str]
+    class_names: list[str]     # empty for unlabelled images
     superclass_names: list[str] | None
 
 
@@ -381,7 +390,7 @@ other sections by its number.</p>
 <h3>Settings</h3>
 {settings}
 <p>Data: {n} probe images of {height}&times;{width}&times;{channels} drawn from {dataset_size};
-{len(probe.class_names)} classes.</p>"""
+{f"{len(probe.class_names)} classes" if probe.labels is not None else "no labels"}.</p>"""
 
 
 def _glance_section(config, probe: _Probe, fit: Mapping, table: list[dict], attribute_aucs: Mapping | None,
@@ -406,7 +415,8 @@ def _glance_section(config, probe: _Probe, fit: Mapping, table: list[dict], attr
                               if network["low_accuracy"] else ""))
     probe_name = config.get("probe_dataset") or config.get("dataset")
     statements.append(f"Probe set: {n} images{f' of {probe_name}' if probe_name else ''} "
-                      f"({height}x{width}x{channels}), {n_classes} classes.")
+                      f"({height}x{width}x{channels}), "
+                      + (f"{n_classes} classes." if probe.labels is not None else "unlabelled."))
     if fit["n_active"] == 0:
         state = "No concept is active (F is zero or negligible): nothing in this report should be read."
     elif not fit["finite"]:
@@ -441,7 +451,8 @@ def _glance_section(config, probe: _Probe, fit: Mapping, table: list[dict], attr
         concepts.append(concept)
         thumbs = _rgb(probe.images[row["top_images"][:_GLANCE_THUMBS]])
         rows.append([f"<b>{k}</b>" + ("" if concept["active"] else " (inactive)"), f"{100 * concept['share']:.1f}%",
-                     html.escape(", ".join(f'{c["name"]} {c["weight"]:.2f}' for c in row["top_classes"][:2])),
+                     html.escape(", ".join(f'{c["name"]} {c["weight"]:.2f}' for c in row["top_classes"][:2])
+                                 or ("no labels" if probe.labels is None else "-")),
                      html.escape("; ".join(matches) or ("-" if attribute_aucs else "no ground truth")),
                      html.escape("; ".join(checks) or "-"),
                      _img(_png_uri(_mosaic(thumbs, thumbs.shape[0]), scale), f"top images of factor {k}", "thumbs")])
@@ -494,6 +505,8 @@ A large spread means the concepts depend on the start.</p>
 
 
 def _factor_section(table: list[dict], probe: _Probe, figures: _Figures) -> str:
+    if probe.labels is None:
+        return _unlabelled_factor_section(table, probe, figures)
     images = probe.images
     total_mass = sum(row["mass"] for row in table)
     scale = max(1, 64 // images.shape[1])
@@ -527,6 +540,27 @@ The images are the {min(_THUMBS_PER_FACTOR, n_top)} with the largest F[k, n], la
 (the top {n_top} are listed in summary.json).</p>
 {html_table(["factor", "share", "top classes (weight)", "top superclass (weight)", "entropy",
          "top images"], rows, numeric=(0, 1, 4))}"""
+
+
+def _unlabelled_factor_section(table: list[dict], probe: _Probe, figures: _Figures) -> str:
+    images = probe.images
+    total_mass = sum(row["mass"] for row in table)
+    scale = max(1, 64 // images.shape[1])
+    rows = []
+    for row in table:
+        thumbs = _rgb(images[row["top_images"][:_THUMBS_PER_FACTOR]])
+        rows.append([f'<b>{row["factor"]}</b>', f'{100 * row["mass"] / total_mass if total_mass else 0:.1f}%',
+                     _img(_png_uri(_mosaic(thumbs, thumbs.shape[0]), scale), f'top images of factor {row["factor"]}',
+                          "thumbs")])
+    figures.save(_top_images_figure(images, table), "top_images")
+    n_top = len(table[0]["top_images"])
+    return f"""
+<p class="note">Left out: the class weights, top superclass and entropy columns of Table 1, which need a
+label for every probe image; these images have none.</p>
+<p class="how">"Share" is the factor's part of the total activation <code>&Sigma;<sub>k,n</sub> F[k,n]</code>.
+The images are the {min(_THUMBS_PER_FACTOR, n_top)} with the largest F[k, n], largest first (the top {n_top}
+are listed in summary.json): what they have in common is the concept.</p>
+{html_table(["factor", "share", "top images"], rows, numeric=(0, 1))}"""
 
 
 def _neurons_section(factors, layer_blocks, top_eig_k: int, d: int,
@@ -589,16 +623,16 @@ def _neighbours_section(F, image: int, k: int, probe: _Probe,
 F); its nearest neighbours there (Euclidean distance) are the images the factorisation sees as
 alike. The bars give the share of the {k} neighbours whose strongest factor
 (<code>argmax<sub>k</sub> F[k, n]</code>) is each factor.</p>
-<p>Chosen image: probe image {image} (dataset index {probe.indices[image]},
-class {html.escape(probe.class_names[probe.labels[image]])}); its strongest factor is
+<p>Chosen image: probe image {image} (dataset index {probe.indices[image]}{
+"" if probe.labels is None else ", class " + html.escape(probe.class_names[probe.labels[image]])}); its strongest factor is
 {own_factor}.</p>
 {_img(figures.save(fig, "neighbours"), "nearest neighbours")}"""
     return text, summary
 
 
 def _attributes_section(F, dataset, probe: _Probe) -> tuple[str, dict]:
-    known = {"class": probe.labels, **{a: np.asarray(v)[probe.indices]
-                                       for a, v in dataset.attributes.items()}}
+    known = {**({} if probe.labels is None else {"class": probe.labels}),
+             **{a: np.asarray(v)[probe.indices] for a, v in dataset.attributes.items()}}
     value_names = {"class": probe.class_names, **dataset.attribute_names}
     aucs = attribute_auc(F, known)
     summary = {a: {"mean": r["mean"],
@@ -663,8 +697,9 @@ def write_report(
             by name when present: ``model`` (named in the title), ``block_weights``
             (``"none"``, ``"frobenius"`` or per-block weights) and ``variant`` (``"paper"`` or
             ``"authors"``), explained in the introduction.
-        dataset: has ``images`` (M, H, W, C) in [0, 1] with C in {1, 3}, ``labels`` (M,),
-            ``class_names``, ``superlabels`` (M,) or None, ``superclass_names`` or None,
+        dataset: has ``images`` (M, H, W, C) in [0, 1] with C in {1, 3}, ``labels`` (M,)
+            or None for unlabelled images (the class-based parts are then left out, and the
+            report says so), ``class_names`` (unused without labels), ``superlabels`` (M,) or None, ``superclass_names`` or None,
             ``attributes`` (name -> (M,) int) and ``attribute_names`` (name -> value names).
         probe_indices: (N,) indices into the dataset of the probe images, in F's column order.
         result: fit result with ``F`` (d, N), ``factors`` (block name -> (rows_b, d)),
@@ -723,27 +758,33 @@ def write_report(
         raise ValueError(f"extra_sections figure names must be unique file stems of letters, "
                          f"digits, '_' and '-', got {stems}")
 
+    labelled = dataset.labels is not None
     probe = _Probe(
         indices=probe_indices, images=all_images[probe_indices],
-        labels=np.asarray(dataset.labels)[probe_indices],
+        labels=np.asarray(dataset.labels)[probe_indices] if labelled else None,
         superlabels=(None if dataset.superlabels is None
                      else np.asarray(dataset.superlabels)[probe_indices]),
-        class_names=list(dataset.class_names),
+        class_names=list(dataset.class_names) if labelled else [],
         superclass_names=(None if dataset.superclass_names is None
                           else list(dataset.superclass_names)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _Figures(out_dir)
     kinds = {**{b: "pixels" for b in pixel_blocks}, **{b: "activations" for b in layer_blocks}}
-    table = factor_table(F, probe.labels, probe.class_names, probe.superlabels,
-                         probe.superclass_names)
+    if labelled:
+        table = factor_table(F, probe.labels, probe.class_names, probe.superlabels, probe.superclass_names)
+    else:  # one class for every image: the table's mass and top images, without its class columns
+        table = [{**row, "top_classes": [], "top_superclass": None, "entropy": None}
+                 for row in factor_table(F, np.zeros(n, int), ["all images"])]
+        notes = [*notes, UNLABELLED_NOTE]
     if neighbour_image is None:
         neighbour_image = table[int(np.argmax([row["mass"] for row in table]))]["top_images"][0]
     summary: dict[str, Any] = {
         "config": config,
         "notes": list(notes),
         "data": {"dataset_size": all_images.shape[0], "n_probe": n,
-                 "image_shape": probe.images.shape[1:], "n_classes": len(probe.class_names),
+                 "image_shape": probe.images.shape[1:], "labelled": labelled,
+                 "n_classes": len(probe.class_names) if labelled else None,
                  "class_names": probe.class_names, "superclass_names": probe.superclass_names,
                  "rank": d, "pixel_blocks": list(pixel_blocks), "layer_blocks": list(layer_blocks),
                  "blocks": {b: {"rows": W.shape[0], "kind": kinds.get(b, "other")}
@@ -767,7 +808,7 @@ def write_report(
     text, summary["neighbours"] = _neighbours_section(F, neighbour_image, n_neighbours, probe,
                                                       figures)
     sections.append(("Neighbours", text))
-    if dataset.attributes:
+    if getattr(dataset, "attributes", None):
         text, summary["attribute_auc"] = _attributes_section(F, dataset, probe)
         sections.append(("Ground-truth attributes", text))
     summary["extra_sections"] = {}
@@ -783,7 +824,9 @@ def write_report(
 
     # each file is written atomically, and report.html last: once it exists, the others are whole
     write_text_atomic(out_dir / "summary.json", json.dumps(jsonable(summary), indent=1, allow_nan=False))
-    arrays = {"F": F, "labels": probe.labels, "probe_indices": probe_indices, **factors}
+    arrays = {"F": F, "probe_indices": probe_indices, **factors}
+    if labelled:
+        arrays["labels"] = probe.labels
     if probe.superlabels is not None:
         arrays["superlabels"] = probe.superlabels
     savez_atomic(out_dir / "factors.npz", **arrays)

@@ -15,7 +15,9 @@ from ._path import PathPoint, group_sparsity_path
 from ._saved import load_fit, save_fit
 from ._mu import MUState, Params, make_params, mu_step
 from ._hals import hals_step
-from . import analysis, reference
+from . import analysis, heatmaps, reference
+from .heatmaps import concept_heatmap, concept_heatmaps
+from .heatmaps import overlay as overlay_heatmap, upsample as upsample_heatmap
 from .stability import FactorStability, factor_stability, match_factors
 from .rank import RankCurve, choose_rank, rank_curve
 from .analysis import (attribute_auc, class_weights, factor_table, latent_images, masked_top_images,
@@ -25,7 +27,8 @@ from .analysis import (attribute_auc, class_weights, factor_table, latent_images
 __all__ = [
     "fit", "transform", "objective", "NMFResult", "save_fit", "load_fit", "aligned_empty", "group_sparsity_path", "PathPoint", "mu_step", "hals_step", "MUState", "Params",
     "make_params",
-    "analysis", "reference",
+    "analysis", "heatmaps", "reference",
+    "concept_heatmap", "concept_heatmaps", "upsample_heatmap", "overlay_heatmap",
     "class_weights", "factor_table", "neuron_similarity", "similarity_eigenvalues", "mean_top_eigenvalues",
     "latent_images", "median_masks", "masked_top_images", "nearest_neighbours", "neighbour_factor_distribution",
     "attribute_auc",

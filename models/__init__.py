@@ -11,7 +11,9 @@ Example::
 ``models.train`` is the training function, which hides the module of the same name as an
 attribute of the package; reach the module's other names with ``from models.train import ...``.
 """
-from models.capture import DEFAULT_LAYERS, LAYERS, build_model, capture_activations, init_variables
+from models.capture import (DEFAULT_LAYERS, LAYERS, activation_function, build_model, capture_activations, capture_paths,
+                            check_non_negative, inference_kwargs, init_variables, layer_paths, model_spec,
+                            rebuild_model)
 from models.resnet import ResNet, ResNet18, TinyResNet18
 from models.train import TrainConfig, TrainResult, load_model, save_model, train
 from models.vgg import VGG, VGG11, Conv3x3, TinyVGG11
@@ -28,10 +30,17 @@ __all__ = [
     "TrainResult",
     "VGG",
     "VGG11",
+    "activation_function",
     "build_model",
     "capture_activations",
+    "capture_paths",
+    "check_non_negative",
+    "inference_kwargs",
+    "layer_paths",
     "init_variables",
     "load_model",
+    "model_spec",
+    "rebuild_model",
     "save_model",
     "train",
 ]

@@ -35,7 +35,7 @@ from jax import lax
 from jax.scipy import ndimage
 from tqdm.auto import tqdm
 
-from models.capture import build_model, init_variables
+from models.capture import init_variables, rebuild_model
 
 _SCHEDULES = ("cosine", "step")
 
@@ -573,13 +573,15 @@ def save_model(
         path: a directory; it receives ``variables/`` (orbax) and ``model.json``.
         model_name, model_kwargs: rebuild the network as
             ``build_model(model_name, **model_kwargs)``, e.g. ``"resnet18"``,
-            ``{"num_classes": 10, "width": 64}``.
+            ``{"num_classes": 10, "width": 64}``; any other Flax Linen module as
+            ``"package.module:Class"`` and its fields, which ``models.capture.model_spec(module)``
+            gives (the class must be importable there when the model is loaded).
         variables: its ``{"params", "batch_stats"}``.
         metadata: JSON-serialisable; must hold ``"dataset"`` (what it was trained on) and
             ``"test_accuracy"``; the seed, the config (``dataclasses.asdict``) and the input
             shape are worth adding.
     """
-    build_model(model_name, **model_kwargs)  # fails early on a bad name or kwargs
+    rebuild_model(model_name, model_kwargs)  # fails early on a bad name or kwargs
     missing = [key for key in _REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ValueError(f"metadata must hold {list(_REQUIRED_METADATA)}; missing {missing}")
@@ -600,6 +602,9 @@ def save_model(
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict, dict]:
     """The ``(model, variables, metadata)`` that `save_model` wrote to ``path``.
 
+    A network of another class than the project's is rebuilt by importing the module that
+    ``model.json`` names (``models.rebuild_model``): load only folders you trust.
+
     Raises:
         ValueError: naming ``path``, when it holds no readable model or non-finite variables.
     """
@@ -607,7 +612,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict, dict]:
     try:
         with open(os.path.join(path, "model.json")) as f:
             description = json.load(f)
-        model = build_model(description["model_name"], **description["model_kwargs"])
+        model = rebuild_model(description["model_name"], description["model_kwargs"])
         metadata = description["metadata"]
         variables = ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
     except Exception as error:  # a missing or damaged file, of any of orbax's many kinds
