@@ -43,6 +43,8 @@ def evaluate(cfg, settings) -> Path:
     out = Path(cfg.out).resolve()
     options = {**dataclasses.asdict(cfg), **{k: v for k, v in dataclasses.asdict(settings).items() if k != "overwrite"},
                "evaluation": True}
+    if settings.rank_grid is not None:
+        options["rank"] = "auto"
     run_folder.start(out, options, network_options=pipeline.NETWORK_OPTIONS, overwrite=settings.overwrite)
     train, test, probe = pipeline.load_data(cfg)
     if settings.data_seed != cfg.seed:  # the network keeps its data; the probe images are drawn anew
@@ -64,6 +66,13 @@ def evaluate(cfg, settings) -> Path:
     pixel_names = [name for name in blocks if name.startswith("pixels")]
     layer_names = [name for name in blocks if name not in pixel_names]
     attributes = {a: np.asarray(v)[idx] for a, v in probe.attributes.items()}
+    rank_choice = None
+    if settings.rank_grid is not None:
+        rank_choice = choose_rank(blocks, cfg, settings)
+        cfg = dataclasses.replace(cfg, rank=rank_choice["chosen"])
+        settings = dataclasses.replace(settings, sae_k=(
+            min(settings.sae_k_given, cfg.rank * settings.sae_width) if settings.sae_k_given is not None
+            else max(1, cfg.rank * settings.sae_width // 4)))
     print(f"evaluating on {len(idx)} {probe.name} probe images (data seed {settings.data_seed}), rank {cfg.rank}: "
           f"{len(blocks)} blocks, {sum(b.shape[0] for b in blocks.values())} rows")
 
@@ -102,9 +111,13 @@ def evaluate(cfg, settings) -> Path:
         network=dict(model=cfg.model, width=cfg.width, trained_on=meta.get("dataset"),
                      test_accuracy=meta.get("test_accuracy"), model_path=cfg.model_path),
         solver_options=cfg.solver_options(), iterations=cfg.iterations, solver=cfg.solver,
-        methods=results, stability=stability)
+        methods=results, stability=stability, rank_choice=rank_choice)
     summary["seconds_total"] = time.perf_counter() - t_start
+    summary["out"] = str(out)
 
+    if rank_choice is not None:
+        summary["rank_choice"]["figure"] = "rank_curve.png"
+        _rank_figure(rank_choice, out / "rank_curve.png")
     write_text_atomic(out / "summary.json", json.dumps(jsonable(summary), indent=1, allow_nan=False))
     write_text_atomic(out / "evaluation.md", markdown(summary))
     path = out / "report.html"
@@ -113,6 +126,56 @@ def evaluate(cfg, settings) -> Path:
     print(markdown(summary))
     print(f"done in {summary['seconds_total']:.0f} s")
     return path
+
+
+def choose_rank(blocks: dict, cfg, settings) -> dict:
+    """--rank auto: ``jaxnmf.rank_curve`` of the coupled blocks over ``settings.rank_grid`` (the coupled
+    fit's objective, block weights and iterations, solved by ``settings.rank_curve_solver``;
+    ``settings.rank_curve_restarts`` random starts per rank, key of ``cfg.seed``) and
+    ``jaxnmf.choose_rank`` with tol ``RANK_TOL``; returns the curve (JSON-able) with the chosen rank."""
+    from experiments.evaluate import RANK_TOL
+
+    t = time.perf_counter()
+    curve = jaxnmf.rank_curve(blocks, list(settings.rank_grid), key=jax.random.fold_in(jax.random.key(cfg.seed), 7),
+                              held_out=0.2, n_restarts=settings.rank_curve_restarts, max_iter=cfg.iterations,
+                              tol=cfg.tol, solver=settings.rank_curve_solver, **cfg.solver_options())
+    chosen = jaxnmf.choose_rank(curve, tol=RANK_TOL)
+    e = curve.bcv_error
+    gains = [None] + [float((e[i - 1] - e[i]) / (e[i - 1] * (curve.ranks[i] - curve.ranks[i - 1])))
+                      for i in range(1, len(e))]
+    seconds = time.perf_counter() - t
+    print(f"  rank curve over {[int(r) for r in curve.ranks]} ({seconds:.0f} s): BCV error "
+          + ", ".join(f"{r}: {x:.3f}" for r, x in zip(curve.ranks, e)) + f"; chosen rank {chosen}")
+    return dict(curve.as_dict(), gain_per_factor=gains, chosen=chosen, tol=RANK_TOL, held_out=0.2,
+                restarts=settings.rank_curve_restarts, solver=settings.rank_curve_solver, seconds=seconds,
+                rule=f"the smallest rank after which every step of the grid lowers the BCV error by less than "
+                     f"{RANK_TOL:g} of itself per added factor (jaxnmf.choose_rank)")
+
+
+def _rank_figure(rc: dict, path: Path) -> bytes:
+    from matplotlib.figure import Figure
+
+    from experiments._atomic import savefig_atomic
+
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for key, label, style in (("bcv_error", "bi-cross-validation (held-out rows x columns)", "o-"),
+                              ("held_out_error", "held-out columns (transform)", "s--"),
+                              ("train_error", "training", "^:")):
+        ax.plot(rc["ranks"], rc[key], style, label=label)
+    ax.axvline(rc["chosen"], color="0.4", lw=1)
+    ax.text(rc["chosen"], ax.get_ylim()[1], f" chosen {rc['chosen']}", va="top", fontsize=8)
+    ax.set_xlabel("rank d")
+    ax.set_ylabel("weighted relative error")
+    stab = [(r, s) for r, s in zip(rc["ranks"], rc["stability"]) if s is not None]
+    if stab:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*stab), "x-", color="tab:gray", label="stability")
+        ax2.set_ylabel("stability (mean matched cosine)")
+        ax2.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="upper right" if not stab else "center right")
+    fig.tight_layout()
+    return savefig_atomic(fig, path, dpi=100)
 
 
 def _sae_rate() -> float:
@@ -249,7 +312,21 @@ def markdown(s: dict) -> str:
               f"- Stability: jaxnmf coupled from {st['restarts']} random starts; each factor of the lowest-objective "
               f"fit matched to the others' (Hungarian, cosine of rows of F): mean matched cosine {st['mean']:.3f}, "
               f"per factor " + ", ".join(f"{c:.2f}" for c in st["per_factor"]) + ".", ""]
+    rc = s.get("rank_choice")
+    if rc:
+        lines += [f"Rank chosen without labels (--rank auto): d = {rc['chosen']}; {rc['rule']}.", "",
+                  "| rank | BCV error | gain per factor | held-out columns | training | stability | converged |",
+                  "|---:|---:|---:|---:|---:|---:|---|"]
+        for i, r in enumerate(rc["ranks"]):
+            lines.append(f"| {r}{' (chosen)' if r == rc['chosen'] else ''} | {rc['bcv_error'][i]:.4f} | "
+                         f"{_pct(rc['gain_per_factor'][i])} | {rc['held_out_error'][i]:.4f} | "
+                         f"{rc['train_error'][i]:.4f} | {_num(rc['stability'][i])} | {rc['converged'][i]} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
 
 
 _CSS = """
@@ -262,6 +339,31 @@ th { background: #f1f1f4; } tbody tr:nth-child(even) { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .how { color: #444; }
 """
+
+
+def _rank_section(s: dict) -> str:
+    rc = s.get("rank_choice")
+    if not rc:
+        return ""
+    import base64
+
+    esc = html.escape
+    rows = [[f"{r}{' (chosen)' if r == rc['chosen'] else ''}", f"{rc['bcv_error'][i]:.4f}",
+             _pct(rc["gain_per_factor"][i]), f"{rc['held_out_error'][i]:.4f}", f"{rc['train_error'][i]:.4f}",
+             _num(rc["stability"][i]), str(rc["converged"][i])] for i, r in enumerate(rc["ranks"])]
+    table = html_table(["rank", "BCV error", "gain per factor", "held-out columns", "training", "stability",
+                        "converged"], rows, numeric=(1, 2, 3, 4, 5))
+    img = ""
+    path = Path(s["out"]) / rc["figure"] if rc.get("figure") and s.get("out") else None
+    if path is not None and path.exists():
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        img = f'<img src="{uri}" alt="rank curve: errors and stability against the rank">'
+    return f"""<section id="rank"><h2>Rank chosen without labels</h2>
+<p class="how">--rank auto: <code>jaxnmf.rank_curve</code> of the coupled blocks ({rc['n_train']} images fitted,
+{rc['n_held_out']} held out; 20 % of each block's rows held out too; {rc['restarts']} random starts per rank,
+solver {esc(str(rc.get('solver')))}) and
+<code>jaxnmf.choose_rank</code>: {esc(rc['rule'])}. Chosen: d = {rc['chosen']}. BCV error: the held-out rows of the
+held-out images, predicted from factors fitted without them.</p>{img}{table}</section>"""
 
 
 def page(s: dict) -> str:
@@ -308,6 +410,7 @@ component).</p>{values}</section>
 with the lowest objective is matched to a factor of every other fit by the Hungarian algorithm on the cosine
 similarity of rows of F; its stability is the mean matched cosine (1: it comes back in every fit). Mean over the
 factors: {st['mean']:.3f}.</p>{stab}{fits}</section>
+{_rank_section(s)}
 <section id="inputs"><h2>What each method is fitted to</h2>{inputs}</section>
 <p class="how">All numbers: <code>summary.json</code> next to this page.</p>
 </body></html>

@@ -1,6 +1,7 @@
 """Does the coupled NMF recover known concepts better than the usual alternatives? Measured side by side.
 
     python -m experiments.evaluate [--out runs/evaluate] [--model-path runs/quickstart/model] [--data-seed 1]
+                                   [--rank 12 | --rank auto [--rank-grid 6,9,12,16,20,24,28,32]]
 
 Trains (or loads with ``--model-path``) ONE network exactly as ``experiments.quickstart`` does,
 probes it with the quickstart's probe images (``shapes``: every image's colour, position, size,
@@ -24,6 +25,13 @@ reconstructs, and its seconds (jaxnmf's include compiling). It also fits the cou
 ``--restarts-for-stability`` random starts and reports how reproducibly each factor of the best
 of them comes back in the others (``jaxnmf.factor_stability``).
 
+``--rank auto`` chooses d without labels before anything is compared: ``jaxnmf.rank_curve`` of
+the coupled blocks over ``--rank-grid`` (bi-cross-validation: fits on 80 % of the images and of each
+block's rows, predicts the held-out entries; ``--rank-curve-restarts`` random starts per rank, the
+coupled fit's objective and weights, solved by ``--rank-curve-solver``, HALS by default) and ``jaxnmf.choose_rank`` (the rank after which no added factor lowers the
+held-out error by 2 % of itself); every method then gets that rank. The curve is a table and a
+figure (``rank_curve.png``, also inside report.html) and goes to summary.json (``rank_choice``).
+
 Writes to ``--out``: ``summary.json`` (every number), ``evaluation.md`` (the table, to quote),
 ``report.html`` (the table, per-value AUCs and stability; works offline), ``run.json`` and the
 network (``model/``, ``checkpoints/``) when trained here. ``--smoke``: the smallest setting, in
@@ -42,7 +50,28 @@ from experiments.cli import DATASETS, help_text
 from experiments.quickstart import DEFAULTS, SMOKE
 
 WITH_ATTRIBUTES = ("shapes",)  # the datasets whose images carry ground-truth attributes (experiments.data)
-SMOKE_EXTRA = dict(restarts_for_stability=2, sae_steps=100)
+SMOKE_EXTRA = dict(restarts_for_stability=2, sae_steps=100, rank_grid=(2, 3, 4))
+RANK_GRID = (6, 9, 12, 16, 20, 24, 28, 32)
+RANK_TOL = 0.02  # jaxnmf.choose_rank's tol: the gain per added factor a factor must buy
+
+
+def rank_arg(text: str):
+    """--rank: a positive int, or "auto" (chosen by jaxnmf.choose_rank)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
+def grid_arg(text: str) -> tuple:
+    """--rank-grid: comma-separated positive ints."""
+    try:
+        grid = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    return grid
 SAE_LEARNING_RATE = 1e-3
 
 DATA, NETWORK, METHODS, STABILITY, RUN = ("data", "network and training", "methods", "stability",
@@ -73,7 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(NETWORK, "--model-path", None, "load this trained model (a folder written by models.save_model, e.g. "
         "runs/quickstart/model) instead of training one", none="train one as the quickstart does", metavar="DIR")
     add(METHODS, "--rank", DEFAULTS.rank, "d: factors of every NMF, clusters of k-means, components of PCA; the "
-        "autoencoder has --sae-width times as many latents", type=int)
+        "autoencoder has --sae-width times as many latents. 'auto': chosen without labels from the coupled "
+        "blocks' bi-cross-validation curve over --rank-grid (jaxnmf.rank_curve, jaxnmf.choose_rank)",
+        type=rank_arg, metavar="{d,auto}")
+    add(METHODS, "--rank-grid", ",".join(map(str, RANK_GRID)), "--rank auto: the ranks tried (comma-separated)",
+        type=grid_arg)
+    add(METHODS, "--rank-curve-restarts", 2, "--rank auto: random starts per rank of the curve (its stability "
+        "needs 2)", type=int)
+    add(METHODS, "--rank-curve-solver", "hals", "--rank auto: the solver of the curve's fits (same objective and "
+        "weights as the coupled fit; hals converges within --iterations where mu does not, and an unconverged "
+        "fit makes the curve noisy)", choices=("mu", "hals"))
     add(METHODS, "--iterations", DEFAULTS.iterations, "most iterations of every NMF (jaxnmf and scikit-learn)",
         type=int)
     add(METHODS, "--sae-width", 1, "latents of the TopK sparse autoencoder, as a multiple of --rank", type=int)
@@ -104,10 +142,18 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dataset not in WITH_ATTRIBUTES:
         fail("dataset", f"{args.dataset} has no ground-truth attributes to measure concept recovery against; "
                         f"choose {' or '.join(WITH_ATTRIBUTES)}")
-    for name in ("n_probe", "rank", "iterations", "sae_width", "sae_steps"):
+    auto = args.rank == "auto"
+    for name in ("n_probe", "iterations", "sae_width", "sae_steps", "rank_curve_restarts",
+                 *(() if auto else ("rank",))):
         if getattr(args, name) < 1:
             fail(name, f"must be >= 1, got {getattr(args, name)}")
-    if args.sae_k is not None and not 1 <= args.sae_k <= args.rank * args.sae_width:
+    if auto and not args.smoke:
+        grid = args.rank_grid
+        if not grid or min(grid) < 1 or len(set(grid)) != len(grid):
+            fail("rank_grid", f"expected distinct positive ints, got {','.join(map(str, grid))}")
+        if max(grid) > 0.8 * args.n_probe:
+            fail("rank_grid", f"{max(grid)} exceeds the images the curve fits (80 % of --n-probe {args.n_probe})")
+    if args.sae_k is not None and not auto and not 1 <= args.sae_k <= args.rank * args.sae_width:
         fail("sae_k", f"must lie in [1, {args.rank * args.sae_width}] (the autoencoder's latents, --rank x "
                       f"--sae-width), got {args.sae_k}")
     if args.restarts_for_stability < 2:
@@ -127,23 +173,31 @@ class Settings:
     sae_k: int
     sae_steps: int
     overwrite: bool = False
+    rank_grid: tuple | None = None  # --rank auto: the ranks of the curve (None: --rank as given)
+    rank_curve_restarts: int = 2
+    rank_curve_solver: str = "hals"
+    sae_k_given: int | None = None  # --sae-k as given (the default, a quarter of the latents, needs the rank)
 
 
 def config_from_args(args: argparse.Namespace):
     """(``RunConfig``, ``Settings``) of the command line: the quickstart's network and blocks."""
     smoke = SMOKE if args.smoke else {}
-    cfg = dataclasses.replace(DEFAULTS, dataset=args.dataset, model_path=args.model_path, seed=args.seed,
-                              out=args.out, tcav=False, rank=args.rank, iterations=args.iterations,
-                              n_probe=args.n_probe)
-    cfg = dataclasses.replace(cfg, **smoke)
+    auto = args.rank == "auto"
     extra = SMOKE_EXTRA if args.smoke else {}
+    grid = tuple(sorted(extra.get("rank_grid", args.rank_grid))) if auto else None
+    cfg = dataclasses.replace(DEFAULTS, dataset=args.dataset, model_path=args.model_path, seed=args.seed,
+                              out=args.out, tcav=False, rank=max(grid) if auto else args.rank,
+                              iterations=args.iterations, n_probe=args.n_probe)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in smoke.items() if not (auto and k == "rank")})
     latents = cfg.rank * args.sae_width
     settings = Settings(
         data_seed=args.seed if args.data_seed is None else args.data_seed,
         restarts_for_stability=extra.get("restarts_for_stability", args.restarts_for_stability),
         sae_width=args.sae_width,
         sae_k=min(args.sae_k, latents) if args.sae_k is not None else max(1, latents // 4),
-        sae_steps=extra.get("sae_steps", args.sae_steps), overwrite=args.overwrite)
+        sae_steps=extra.get("sae_steps", args.sae_steps), overwrite=args.overwrite, rank_grid=grid,
+        rank_curve_restarts=args.rank_curve_restarts, rank_curve_solver=args.rank_curve_solver,
+        sae_k_given=args.sae_k)
     return cfg, settings
 
 

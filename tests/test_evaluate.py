@@ -157,3 +157,47 @@ def test_weighted_relative_error_matches_the_blocks():
     F, W = np.asarray(res.F, np.float64), {n: np.asarray(w, np.float64) for n, w in res.factors.items()}
     errs = [np.linalg.norm(blocks[n] - W[n] @ F) / np.linalg.norm(blocks[n]) for n in blocks]
     assert weighted_relative_error(res, blocks) == pytest.approx(np.sqrt(np.mean(np.square(errs))), rel=1e-3)
+
+
+def test_rank_auto_is_parsed_with_its_grid():
+    cfg, settings = evaluate.config_from_args(evaluate.build_parser().parse_args(["--rank", "auto", "--smoke"]))
+    assert settings.rank_grid == evaluate.SMOKE_EXTRA["rank_grid"] and cfg.rank == max(settings.rank_grid)
+    args = evaluate.build_parser().parse_args(["--rank", "auto", "--rank-grid", "20,8,12"])
+    evaluate.check_args(args)
+    cfg, settings = evaluate.config_from_args(args)
+    assert settings.rank_grid == (8, 12, 20) and cfg.rank == 20 and settings.sae_k_given is None
+    cfg, settings = evaluate.config_from_args(evaluate.build_parser().parse_args(["--rank", "7"]))
+    assert settings.rank_grid is None and cfg.rank == 7
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--rank", "many"], "--rank"),
+    (["--rank", "auto", "--rank-grid", "0,4"], "--rank-grid"),
+    (["--rank", "auto", "--rank-grid", "4,4"], "--rank-grid"),
+    (["--rank", "auto", "--rank-grid", "4,x"], "--rank-grid"),
+    (["--rank", "auto", "--rank-grid", "900", "--n-probe", "1000"], "--rank-grid"),
+    (["--rank", "auto", "--rank-curve-restarts", "0"], "--rank-curve-restarts"),
+])
+def test_bad_rank_auto_options_are_refused(argv, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main([*argv, "--out", str(tmp_path / "out")])
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_rank_curve_goes_into_the_table_and_the_offline_report(smoke, tmp_path):
+    from experiments import _evaluation
+
+    summary = json.loads((smoke / "summary.json").read_text())
+    rc = dict(ranks=[2, 3, 4], bcv_error=[0.4, 0.3, 0.29], held_out_error=[0.41, 0.31, 0.3],
+              train_error=[0.39, 0.29, 0.27], stability=[0.99, 0.9, None], converged=[True, True, False],
+              n_train=77, n_held_out=19, gain_per_factor=[None, 0.25, 0.033], chosen=3, tol=0.02, restarts=2,
+              rule="the rule", figure="rank_curve.png")
+    _evaluation._rank_figure(rc, tmp_path / "rank_curve.png")
+    summary.update(rank_choice=rc, out=str(tmp_path))
+    summary["stability"]["best_for"] = {int(k): v for k, v in summary["stability"]["best_for"].items()}  # JSON keys
+    table = _evaluation.markdown(summary)
+    assert "| 3 (chosen) | 0.3000 | 25.0 % |" in table and "d = 3" in table
+    page = _evaluation.page(summary)
+    assert_offline(page)
+    assert 'id="rank"' in page and "data:image/png;base64," in page and "3 (chosen)" in page
