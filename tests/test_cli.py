@@ -159,3 +159,20 @@ def test_no_options_give_the_scripts_defaults(name):
     cfg = cli.config_from_args(args)
     assert (cfg.probe_dataset, cfg.layers, cfg.pixels, cfg.rank, cfg.tol, cfg.l2) == (
         None, ("stage3", "pool:avg"), False, 5, 0.0, 0.5)
+
+
+def test_console_commands_are_declared_and_run_their_script(monkeypatch):
+    import importlib
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    from experiments import console
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {f"jaxnmf-{s.replace('_', '-')}": f"experiments.console:{s}" for s in console.SCRIPTS}
+    for script in console.SCRIPTS:
+        module = importlib.import_module(f"experiments.{script}")
+        called = []
+        monkeypatch.setattr(module, "main", lambda argv=None: called.append(sys.argv) or Path("report.html"))
+        assert getattr(console, script)() is None and called  # a returned path does not become the exit status
