@@ -222,7 +222,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def parser_for(prog: str, doc: str, defaults: RunConfig, *, hide: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The command line of an experiment script: every ``RunConfig`` option (but ``hide``) plus ``--smoke``."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # one spelling per option: no prefixes
     add_arguments(parser, defaults, hide=hide)
     argument_group(parser, RUN).add_argument(
         "--smoke", action="store_true", help="the smallest setting, in seconds (used by the tests): overrides the sizes and turns TCAV "

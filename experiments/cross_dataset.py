@@ -24,7 +24,8 @@ import dataclasses
 import sys
 
 # the light command line: ``--help`` imports no jax; run_cli imports the pipeline once parsed
-from experiments.cli import DATA, RUN, RunConfig, argument_group, config_from_args, flag, parser_for, run_cli
+from experiments.cli import (DATA, RUN, RunConfig, argument_group, config_from_args, flag, parser_for,
+                             refuse_smoke_overrides, run_cli)
 
 DEFAULTS = RunConfig(
     dataset="shapes", probe_dataset="shapes", train_restrict="shape=circle,square,triangle;colour=red,green,blue",
@@ -58,6 +59,7 @@ def main(argv=None) -> None:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in CIFAR.items()
                                           if getattr(cfg, k) == getattr(DEFAULTS, k)})
     if args.smoke:
+        refuse_smoke_overrides(parser, sys.argv[1:] if argv is None else argv, SMOKE)
         cfg = dataclasses.replace(cfg, **SMOKE)
     studies = []
     if args.studies:

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 # the light command line: ``--help`` imports no jax nor matplotlib; run_cli imports the pipeline once parsed
-from experiments.cli import MODELS, NETWORK, RunConfig, argument_group, config_from_args, parser_for, run_cli
+from experiments.cli import (MODELS, NETWORK, RunConfig, argument_group, config_from_args, parser_for,
+                             refuse_smoke_overrides, run_cli)
 
 DEFAULTS = RunConfig(dataset="cifar100", model="resnet18", width=64, n_probe=10_000, epochs=30, batch_size=128,
                      rank=20, iterations=500, variant="project", out="runs/paper")
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")  # before any figure of the runs
     base = config_from_args(args)
     if args.smoke:
+        refuse_smoke_overrides(parser, sys.argv[1:] if argv is None else argv, SMOKE)
         base = dataclasses.replace(base, **SMOKE)
     if base.model_path and len(args.models) > 1:
         parser.error("--model-path: give one model with --models when loading a trained one")

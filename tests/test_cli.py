@@ -176,3 +176,20 @@ def test_console_commands_are_declared_and_run_their_script(monkeypatch):
         called = []
         monkeypatch.setattr(module, "main", lambda argv=None: called.append(sys.argv) or Path("report.html"))
         assert getattr(console, script)() is None and called  # a returned path does not become the exit status
+
+
+@pytest.mark.parametrize("script", ["paper", "cross_dataset"])
+def test_smoke_refuses_an_option_it_would_override(script, tmp_path, capsys):
+    import importlib
+    module = importlib.import_module(f"experiments.{script}")
+    with pytest.raises(SystemExit):
+        module.main(["--smoke", "--rank", "50", "--out", str(tmp_path)])
+    assert "--rank: --smoke overrides --rank" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_options_have_one_spelling_no_prefixes(capsys):
+    from experiments import quickstart
+    with pytest.raises(SystemExit):
+        quickstart.build_parser().parse_args(["--ran", "5"])
+    assert "unrecognized arguments: --ran" in capsys.readouterr().err
