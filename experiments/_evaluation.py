@@ -110,7 +110,7 @@ def evaluate(cfg, settings) -> Path:
         attributes=list(attributes), attribute_values={a: list(probe.attribute_names[a]) for a in attributes},
         network=dict(model=cfg.model, width=cfg.width, trained_on=meta.get("dataset"),
                      test_accuracy=meta.get("test_accuracy"), model_path=cfg.model_path),
-        solver_options=cfg.solver_options(), iterations=cfg.iterations, solver=cfg.solver,
+        solver_options=cfg.solver_options(), block_emphasis=cfg.emphasis(), iterations=cfg.iterations, solver=cfg.solver,
         methods=results, stability=stability, rank_choice=rank_choice)
     summary["seconds_total"] = time.perf_counter() - t_start
     summary["out"] = str(out)
@@ -138,7 +138,7 @@ def choose_rank(blocks: dict, cfg, settings) -> dict:
     t = time.perf_counter()
     curve = jaxnmf.rank_curve(blocks, list(settings.rank_grid), key=jax.random.fold_in(jax.random.key(cfg.seed), 7),
                               held_out=0.2, n_restarts=settings.rank_curve_restarts, max_iter=cfg.iterations,
-                              tol=cfg.tol, solver=settings.rank_curve_solver, **cfg.solver_options())
+                              tol=cfg.tol, solver=settings.rank_curve_solver, **cfg.fit_options(blocks))
     chosen = jaxnmf.choose_rank(curve, tol=RANK_TOL)
     e = curve.bcv_error
     gains = [None] + [float((e[i - 1] - e[i]) / (e[i - 1] * (curve.ranks[i] - curve.ranks[i - 1])))
@@ -198,7 +198,7 @@ def _timed(id_, label, input_, error_of, fn) -> Measured:
 
 def _fit(blocks: dict, cfg, key, init: str) -> jaxnmf.NMFResult:
     return jaxnmf.fit(blocks, cfg.rank, key=key, max_iter=cfg.iterations, tol=cfg.tol, init=init, n_restarts=1,
-                      solver=cfg.solver, **cfg.solver_options())
+                      solver=cfg.solver, **cfg.fit_options(blocks))
 
 
 def weighted_relative_error(result: jaxnmf.NMFResult, blocks: dict) -> float:

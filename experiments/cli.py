@@ -110,6 +110,10 @@ class RunConfig:
     block_weights: str | None = option(
         None, FACTORISATION, "weight of each block: none, or frobenius (1 / its squared Frobenius norm)",
         choices=("none", "frobenius"), none="the variant's")
+    block_emphasis: tuple[str, ...] | None = option(
+        None, FACTORISATION, "with frobenius block weights, multiply chosen blocks' weights: NAME=FACTOR items, NAME a "
+        "block (a --layers entry) or pixels for every pixel block, e.g. stage1:avg=8 stage2:avg=8 pool=4 pixels=2 "
+        "(README, concept recovery against baselines)", metavar="NAME=FACTOR", none="every block the same weight")
     l2_F: float | None = option(None, FACTORISATION, "L2 penalty on the example factor F (in --penalty-units)",
                                 none="the variant's")
     l1_F: float | None = option(None, FACTORISATION, "L1 penalty on F (in --penalty-units)", none="the variant's")
@@ -152,6 +156,29 @@ class RunConfig:
             if getattr(self, name) is not None:
                 base[name] = getattr(self, name)
         return base
+
+    def emphasis(self) -> dict[str, float]:
+        """``block_emphasis`` as {block name or "pixels": factor}; ValueError naming the option when malformed."""
+        out = {}
+        for item in self.block_emphasis or ():
+            name, _, factor = str(item).rpartition("=")
+            try:
+                value = float(factor)
+            except ValueError:
+                value = float("nan")
+            if not name or not (0 < value < float("inf")):
+                raise ValueError(f"--block-emphasis: {item!r} is not NAME=FACTOR with a positive finite FACTOR")
+            out[name] = value
+        return out
+
+    def fit_options(self, blocks) -> dict:
+        """``solver_options`` with ``--block-emphasis`` resolved to explicit weights for ``blocks``
+        (``experiments.matrices.emphasised_weights``)."""
+        options = self.solver_options()
+        if self.block_emphasis:
+            from experiments.matrices import emphasised_weights
+            options["block_weights"] = emphasised_weights(blocks, self.emphasis())
+        return options
 
     def resolved_layers(self) -> tuple[str, ...]:
         import models  # flax and jax: imported only when a run needs them
@@ -204,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: RunConfig, *, hide:
         if f.type in ("bool",):
             action = group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default)
             action.help = text  # BooleanOptionalAction would append a default of its own
-        elif f.name in ("layers", "tcav_layers"):
+        elif f.name in ("layers", "tcav_layers", "block_emphasis"):
             group.add_argument(flag(f.name), nargs="+", default=default, metavar=metavar, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)

@@ -222,3 +222,25 @@ def _size(num_bytes: float) -> str:
         if num_bytes < 1024 or unit == "GiB":
             return f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
+
+
+def emphasised_weights(blocks: Mapping[str, object], emphasis: Mapping[str, float]) -> dict[str, float]:
+    """Block weights w_b = m_b / ||X_b||_F^2 for ``jaxnmf.fit(block_weights=...)``: the Frobenius
+    weights (every block the same total weight) with block b's multiplied by m_b.
+
+    ``emphasis`` maps a block name, or ``"pixels"`` for every pixel block, to m_b > 0; other blocks
+    keep m_b = 1, and names of blocks not in ``blocks`` are ignored (a fit of some of the blocks).
+    ``blocks``: name -> (rows, N) NumPy or JAX array, any float dtype; norms in float64 (NumPy, by
+    row chunks) or float32 (JAX). A block of norm 0 gets weight 0.
+    """
+    weights = {}
+    for name, x in blocks.items():
+        m = emphasis.get(name, emphasis.get("pixels", 1.0) if name.startswith("pixels") else 1.0)
+        if isinstance(x, jax.Array):
+            sq = float(jnp.sum(jnp.square(x.astype(jnp.float32))))
+        else:
+            x = np.asarray(x)
+            step = max(1, (64 << 20) // (8 * x.shape[1]))
+            sq = sum(float(np.sum(np.square(x[i:i + step].astype(np.float64)))) for i in range(0, x.shape[0], step))
+        weights[name] = float(m) / sq if sq > 0 else 0.0
+    return weights

@@ -68,6 +68,15 @@ def check_config(cfg: RunConfig) -> None:
         fail("penalty_units", f"choose 'relative' or 'raw', got {cfg.penalty_units!r}")
     if cfg.block_weights not in (None, "none", "frobenius"):
         fail("block_weights", f"choose 'none' or 'frobenius', got {cfg.block_weights!r}")
+    if cfg.block_emphasis:
+        emphasis = cfg.emphasis()  # a malformed item: ValueError naming --block-emphasis
+        if cfg.solver_options()["block_weights"] != "frobenius":
+            fail("block_emphasis", "multiplies frobenius block weights; the variant or --block-weights gives "
+                                   f"{cfg.solver_options()['block_weights']!r}")
+        unknown = sorted(set(emphasis) - set(cfg.resolved_layers()) - {"pixels"})
+        if unknown:
+            fail("block_emphasis", f"no block named {', '.join(unknown)}; blocks: pixels, "
+                                   f"{', '.join(cfg.resolved_layers())}")
     for name in ("width", "n_train", "n_test", "n_probe", "epochs", "batch_size", "rank", "restarts", "iterations"):
         if getattr(cfg, name) < 1:
             fail(name, f"must be >= 1, got {getattr(cfg, name)}")
@@ -245,7 +254,7 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
     pixel_blocks = [name for name in blocks if name.startswith("pixels")]
     predicted = predicted_classes(capture, probe.images[idx])
 
-    options = cfg.solver_options()
+    options = cfg.fit_options(blocks)
     print(f"fitting rank {cfg.rank} to {len(blocks)} blocks ({sum(b.shape[0] for b in blocks.values())} rows x "
           f"{cfg.n_probe} images), variant {cfg.variant}")
     result = jaxnmf.fit(blocks, cfg.rank, key=jax.random.key(cfg.seed), max_iter=cfg.iterations, tol=cfg.tol,

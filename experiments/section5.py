@@ -41,9 +41,9 @@ __all__ = ["PATH", "sparsity_path", "seen_unseen"]
 PATH = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # group_F values in relative units
 
 
-def _fit_options(cfg: RunConfig) -> dict:
+def _fit_options(cfg: RunConfig, blocks) -> dict:
     return dict(key=jax.random.key(cfg.seed), max_iter=cfg.iterations, tol=cfg.tol, solver=cfg.solver,
-                **cfg.solver_options())
+                **cfg.fit_options(blocks))
 
 
 def sparsity_path(values: Sequence[float] = PATH):
@@ -52,7 +52,7 @@ def sparsity_path(values: Sequence[float] = PATH):
     def study(run: FittedRun) -> Section:
         cfg = run.cfg
         points = jaxnmf.group_sparsity_path(run.blocks, cfg.rank, sorted({*values, cfg.group_F}),
-                                            **_fit_options(cfg))
+                                            **_fit_options(cfg, run.blocks))
         names = list(run.blocks)
         rows = [dict(group_F=p.group_F, active=p.n_active, loss=p.result.loss, n_iter=p.result.n_iter,
                      relative_errors={b: float(p.result.relative_errors[b]) for b in names}) for p in points]
@@ -143,7 +143,7 @@ def seen_unseen(run: FittedRun) -> Section:
         data[key] = {}
         for group_F in penalties:
             result = (run.result if key == "this_network" and group_F == cfg.group_F else
-                      jaxnmf.fit(blocks, cfg.rank, group_F=group_F, **_fit_options(cfg)))
+                      jaxnmf.fit(blocks, cfg.rank, group_F=group_F, **_fit_options(cfg, blocks)))
             split = _auc_split(np.asarray(result.F), attributes, seen)
             errors = [float(e) for e in result.relative_errors.values()]
             data[key][f"group_F={group_F:g}"] = dict(auc=split, active=result.n_active,

@@ -193,3 +193,34 @@ def test_options_have_one_spelling_no_prefixes(capsys):
     with pytest.raises(SystemExit):
         quickstart.build_parser().parse_args(["--ran", "5"])
     assert "unrecognized arguments: --ran" in capsys.readouterr().err
+
+
+def test_block_emphasis_multiplies_the_frobenius_weights():
+    import jax.numpy as jnp
+    import numpy as np
+    from experiments.matrices import emphasised_weights
+
+    rng = np.random.default_rng(0)
+    blocks = {"pixels_r": rng.random((6, 5)), "pixels_g": rng.random((6, 5)).astype(np.float32),
+              "stage1:avg": jnp.asarray(rng.random((3, 5)), jnp.float32), "pool": np.zeros((2, 5))}
+    cfg = cli.RunConfig(block_emphasis=("stage1:avg=8", "pixels=2", "stage9=3"))
+    assert cfg.emphasis() == {"stage1:avg": 8.0, "pixels": 2.0, "stage9": 3.0}
+    weights = cfg.fit_options(blocks)["block_weights"]
+    assert weights == emphasised_weights(blocks, cfg.emphasis())
+    sq = {name: float(np.sum(np.square(np.asarray(x, np.float64)))) for name, x in blocks.items()}
+    assert weights["pixels_r"] == pytest.approx(2 / sq["pixels_r"]) and weights["pixels_g"] == pytest.approx(2 / sq["pixels_g"])
+    assert weights["stage1:avg"] == pytest.approx(8 / sq["stage1:avg"], rel=1e-6) and weights["pool"] == 0.0
+    assert cli.RunConfig().fit_options(blocks)["block_weights"] == "frobenius"  # no emphasis: unchanged
+
+
+@pytest.mark.parametrize("emphasis, variant, message", [
+    (("stage3",), "project", "--block-emphasis: 'stage3' is not NAME=FACTOR"),
+    (("stage3=-1",), "project", "--block-emphasis: 'stage3=-1' is not NAME=FACTOR"),
+    (("stage3=inf",), "project", "is not NAME=FACTOR with a positive finite FACTOR"),
+    (("stage9=2",), "project", "--block-emphasis: no block named stage9"),
+    (("stage3=2",), "paper", "--block-emphasis: multiplies frobenius block weights"),
+])
+def test_block_emphasis_is_checked_before_any_work(emphasis, variant, message):
+    from experiments.pipeline import check_config
+    with pytest.raises(ValueError, match=message):
+        check_config(cli.RunConfig(block_emphasis=emphasis, variant=variant, layers=("stage3", "pool")))
