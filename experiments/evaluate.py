@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         "fit makes the curve noisy)", choices=("mu", "hals"))
     add(METHODS, "--iterations", DEFAULTS.iterations, "most iterations of every NMF (jaxnmf and scikit-learn)",
         type=int)
+    add(METHODS, "--block-emphasis", None, "the coupled fits' Frobenius block weights with chosen blocks "
+        "multiplied: NAME=FACTOR items, NAME one of the quickstart's layers or pixels, e.g. stage1:avg=8 "
+        "stage2:avg=8 pool=4 pixels=2 (the quickstart's --block-emphasis)", none="every block the same weight",
+        nargs="+", metavar="NAME=FACTOR")
     add(METHODS, "--sae-width", 1, "latents of the TopK sparse autoencoder, as a multiple of --rank", type=int)
     add(METHODS, "--sae-k", None, "latents active per image in the TopK sparse autoencoder",
         none="a quarter of the latents, at least 1", type=int)
@@ -156,6 +160,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.sae_k is not None and not auto and not 1 <= args.sae_k <= args.rank * args.sae_width:
         fail("sae_k", f"must lie in [1, {args.rank * args.sae_width}] (the autoencoder's latents, --rank x "
                       f"--sae-width), got {args.sae_k}")
+    if args.block_emphasis:
+        emphasis = dataclasses.replace(DEFAULTS, block_emphasis=tuple(args.block_emphasis)).emphasis()
+        unknown = sorted(set(emphasis) - set(DEFAULTS.layers) - {"pixels"})
+        if unknown:
+            fail("block_emphasis", f"no block named {', '.join(unknown)}; blocks: pixels, {', '.join(DEFAULTS.layers)}")
     if args.restarts_for_stability < 2:
         fail("restarts_for_stability", f"stability compares fits: at least 2, got {args.restarts_for_stability}")
     if args.model_path is not None and not (Path(args.model_path) / "model.json").exists():
@@ -187,7 +196,8 @@ def config_from_args(args: argparse.Namespace):
     grid = tuple(sorted(extra.get("rank_grid", args.rank_grid))) if auto else None
     cfg = dataclasses.replace(DEFAULTS, dataset=args.dataset, model_path=args.model_path, seed=args.seed,
                               out=args.out, tcav=False, rank=max(grid) if auto else args.rank,
-                              iterations=args.iterations, n_probe=args.n_probe)
+                              iterations=args.iterations, n_probe=args.n_probe,
+                              block_emphasis=tuple(args.block_emphasis) if args.block_emphasis else None)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in smoke.items() if not (auto and k == "rank")})
     latents = cfg.rank * args.sae_width
     settings = Settings(

@@ -201,3 +201,14 @@ def test_the_rank_curve_goes_into_the_table_and_the_offline_report(smoke, tmp_pa
     page = _evaluation.page(summary)
     assert_offline(page)
     assert 'id="rank"' in page and "data:image/png;base64," in page and "3 (chosen)" in page
+
+
+def test_block_emphasis_reaches_the_config_and_is_checked():
+    args = evaluate.build_parser().parse_args(["--block-emphasis", "stage1:avg=8", "pixels=2"])
+    evaluate.check_args(args)
+    cfg, _ = evaluate.config_from_args(args)
+    assert cfg.emphasis() == {"stage1:avg": 8.0, "pixels": 2.0}
+    for bad, message in ((["stage9=2"], "--block-emphasis: no block named stage9"),
+                         (["pool"], "--block-emphasis: 'pool' is not NAME=FACTOR")):
+        with pytest.raises(ValueError, match=message):
+            evaluate.check_args(evaluate.build_parser().parse_args(["--block-emphasis", *bad]))
