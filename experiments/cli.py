@@ -113,7 +113,8 @@ class RunConfig:
     block_emphasis: tuple[str, ...] | None = option(
         None, FACTORISATION, "with frobenius block weights, multiply chosen blocks' weights: NAME=FACTOR items, NAME a "
         "block (a --layers entry) or pixels for every pixel block, e.g. stage1:avg=8 stage2:avg=8 pool=4 pixels=2 "
-        "(README, concept recovery against baselines)", metavar="NAME=FACTOR", none="every block the same weight")
+        "(README, concept recovery against baselines); none for equal weights", metavar="NAME=FACTOR",
+        none="every block the same weight")
     l2_F: float | None = option(None, FACTORISATION, "L2 penalty on the example factor F (in --penalty-units)",
                                 none="the variant's")
     l1_F: float | None = option(None, FACTORISATION, "L1 penalty on F (in --penalty-units)", none="the variant's")
@@ -240,8 +241,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: RunConfig, *, hide:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
-    for name in ("layers", "tcav_layers"):
+    for name in ("layers", "tcav_layers", "block_emphasis"):
         values[name] = tuple(values[name]) if values[name] else None
+    if values["block_emphasis"] == ("none",):  # turns a script's default emphasis off
+        values["block_emphasis"] = None
     for name in ("train_restrict", "probe_dataset"):  # an empty value on the command line means none
         values[name] = values[name] or None
     return RunConfig(**values)

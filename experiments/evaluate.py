@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int)
     add(METHODS, "--block-emphasis", None, "the coupled fits' Frobenius block weights with chosen blocks "
         "multiplied: NAME=FACTOR items, NAME one of the quickstart's layers or pixels, e.g. stage1:avg=8 "
-        "stage2:avg=8 pool=4 pixels=2 (the quickstart's --block-emphasis)", none="every block the same weight",
+        "stage2:avg=8 pool=4 pixels=2 (the quickstart's --block-emphasis); none for equal weights",
+        none="the quickstart's: " + " ".join(DEFAULTS.block_emphasis or ()),
         nargs="+", metavar="NAME=FACTOR")
     add(METHODS, "--sae-width", 1, "latents of the TopK sparse autoencoder, as a multiple of --rank", type=int)
     add(METHODS, "--sae-k", None, "latents active per image in the TopK sparse autoencoder",
@@ -160,7 +161,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.sae_k is not None and not auto and not 1 <= args.sae_k <= args.rank * args.sae_width:
         fail("sae_k", f"must lie in [1, {args.rank * args.sae_width}] (the autoencoder's latents, --rank x "
                       f"--sae-width), got {args.sae_k}")
-    if args.block_emphasis:
+    if args.block_emphasis and args.block_emphasis != ["none"]:
         emphasis = dataclasses.replace(DEFAULTS, block_emphasis=tuple(args.block_emphasis)).emphasis()
         unknown = sorted(set(emphasis) - set(DEFAULTS.layers) - {"pixels"})
         if unknown:
@@ -197,7 +198,9 @@ def config_from_args(args: argparse.Namespace):
     cfg = dataclasses.replace(DEFAULTS, dataset=args.dataset, model_path=args.model_path, seed=args.seed,
                               out=args.out, tcav=False, rank=max(grid) if auto else args.rank,
                               iterations=args.iterations, n_probe=args.n_probe,
-                              block_emphasis=tuple(args.block_emphasis) if args.block_emphasis else None)
+                              block_emphasis=(None if args.block_emphasis == ["none"] else
+                                              tuple(args.block_emphasis) if args.block_emphasis else
+                                              DEFAULTS.block_emphasis))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in smoke.items() if not (auto and k == "rank")})
     latents = cfg.rank * args.sae_width
     settings = Settings(

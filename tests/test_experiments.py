@@ -123,3 +123,17 @@ def test_tcav_controls_prints_one_line_per_seed_and_statistic(smoke_run, capsys)
     with pytest.raises(SystemExit):
         tcav_controls.main(["--model-path", str(smoke_run / "model"), "--images", "20", "--n-concept", "50",
                             "--seeds", "1"])
+
+
+def test_the_default_block_emphasis_is_dropped_with_other_layers_or_weights(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(quickstart, "run_cli", lambda parser, cfg: ran.append(cfg))
+    quickstart.main([])
+    assert ran[-1].block_emphasis == quickstart.EMPHASIS and ran[-1].rank == 24
+    for argv in (["--layers", "stage3", "pool"], ["--variant", "paper"], ["--block-weights", "none"]):
+        quickstart.main(argv)
+        assert ran[-1].block_emphasis is None and "dropped for these options" in capsys.readouterr().out
+    quickstart.main(["--layers", "stage3", "pool", "--block-emphasis", "pool=3"])
+    assert ran[-1].block_emphasis == ("pool=3",)
+    quickstart.main(["--block-emphasis", "none"])
+    assert ran[-1].block_emphasis is None
