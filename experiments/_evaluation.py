@@ -292,7 +292,7 @@ NOTES = (
     "PCA's components have no sign, so PCA alone is credited max(AUC, 1 - AUC) (each component and its negation "
     "are candidates). k-means scores an image by minus its distance to each centroid; the TopK SAE by its codes.",
     "Rel. error: ||X - X_hat||_F / ||X||_F of what the method reconstructs: jaxnmf the weighted blocks it fits "
-    "(each at unit Frobenius norm), single-layer NMF its layer, k-means (centroids), PCA and the SAE the stacked "
+    "(each scaled by the square root of its block weight), single-layer NMF its layer, k-means (centroids), PCA and the SAE the stacked "
     "activation blocks (each at unit Frobenius norm).",
     "Seconds: wall-clock on this machine; jaxnmf's include compiling the solver.",
 )
