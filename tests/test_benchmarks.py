@@ -31,3 +31,12 @@ def test_quick_mode_tiny_all_sections(tmp_path):
     assert (tmp_path / "objective_vs_time.png").stat().st_size > 0
     statuses = {t["status"] for t in json.loads((tmp_path / "results.json").read_text())["targets"]["tiny"]}
     assert statuses <= {"PASS", "MISS", "open"}
+
+
+@pytest.mark.heavy
+def test_sharded_benchmark_reports_both_layouts(capsys):
+    from benchmarks import sharded
+    rows = sharded.main(["--case", "small", "--rank", "5", "--iterations", "5", "--repeats", "1", "--devices", "1", "2"])
+    assert [r["devices"] for r in rows] == [1, 2]
+    assert rows[1]["sharded"]["F_sharding"] == "P(None, 'examples')"  # F stays sharded over the examples
+    assert "| 2 |" in capsys.readouterr().out
