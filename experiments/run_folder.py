@@ -22,7 +22,8 @@ from experiments._atomic import TEMPORARY_GLOB, write_text_atomic
 __all__ = ["MARKER", "RESULT_FILES", "finish", "read_marker", "start"]
 
 MARKER = "run.json"
-RESULT_FILES = ("report.html", "summary.json", "factors.npz", "fit.npz", "timing.json")  # and every *.png
+RESULT_FILES = ("report.html", "summary.json", "factors.npz", "fit.npz", "timing.json",  # and every *.png
+                "explain.json", "probe_images.npy")  # experiments.explain
 NETWORK_FOLDERS = ("model", "checkpoints")
 IGNORED_OPTIONS = ("out", "overwrite", "data_dir")  # where a run reads and writes, not what it computes
 
