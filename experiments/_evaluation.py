@@ -12,7 +12,6 @@ import jax
 import numpy as np
 
 import jaxnmf
-import models
 from experiments import baselines, pipeline, run_folder
 from experiments import data as data_lib
 from experiments._atomic import write_text_atomic
@@ -55,12 +54,9 @@ def evaluate(cfg, settings) -> Path:
         raise ValueError(f"--n-probe: {cfg.n_probe} probe images but the probe split has {len(probe)}")
     model, variables, meta = pipeline.trained_model(cfg, train, test, out)
 
-    idx = (np.arange(len(probe)) if cfg.n_probe == len(probe)
-           else data_lib.probe_indices(probe.labels, cfg.n_probe, seed=cfg.seed))
+    idx = pipeline.probe_selection(cfg, probe)
     layers = cfg.resolved_layers()
-    base_layers = tuple(dict.fromkeys(spec.removesuffix(":avg") for spec in layers))
-    capture_layers = tuple(dict.fromkeys((*base_layers, "softmax")))
-    capture = lambda x: models.capture_activations(model, variables, x, capture_layers)
+    capture = pipeline.capture_for(model, variables, layers)
     blocks = build_blocks(probe.images[idx], capture, layers, out_dir=out / "blocks", progress=False)
     blocks = {name: np.asarray(block) for name, block in blocks.items()}
     pixel_names = [name for name in blocks if name.startswith("pixels")]

@@ -235,12 +235,9 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
     model, variables, meta = trained_model(cfg, train, test, out)
     same_labels = probe is test  # the probe images' labels are the network's classes
 
-    idx = (np.arange(len(probe)) if cfg.n_probe == len(probe)
-           else data_lib.probe_indices(probe.labels, cfg.n_probe, seed=cfg.seed))
+    idx = probe_selection(cfg, probe)
     layers = cfg.resolved_layers()
-    base_layers = tuple(dict.fromkeys(spec.removesuffix(":avg") for spec in layers))
-    capture_layers = tuple(dict.fromkeys((*base_layers, "softmax")))
-    capture = lambda x: models.capture_activations(model, variables, x, capture_layers)
+    capture = capture_for(model, variables, layers)
     blocks = build_blocks(probe.images[idx], capture, layers, out_dir=out / "blocks")
     if not cfg.pixels:
         blocks = {name: x for name, x in blocks.items() if not name.startswith("pixels")}
@@ -298,6 +295,20 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
     run_folder.finish(out, dataclasses.asdict(cfg))
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return report
+
+
+def probe_selection(cfg: RunConfig, probe: data_lib.Dataset) -> np.ndarray:
+    """(n_probe,) indices of the probe images: the whole split, or a class-balanced draw (seed ``cfg.seed``)."""
+    return (np.arange(len(probe)) if cfg.n_probe == len(probe)
+            else data_lib.probe_indices(probe.labels, cfg.n_probe, seed=cfg.seed))
+
+
+def capture_for(model, variables, layers: Sequence[str]) -> Callable:
+    """images -> {layer: activation} for the base layers of the specs ``layers`` (``"stage1:avg"`` ->
+    ``"stage1"``) and ``"softmax"`` (the network's predictions)."""
+    base_layers = tuple(dict.fromkeys(spec.removesuffix(":avg") for spec in layers))
+    capture_layers = tuple(dict.fromkeys((*base_layers, "softmax")))
+    return lambda x: models.capture_activations(model, variables, x, capture_layers)
 
 
 def predicted_classes(capture, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -504,26 +504,32 @@ A large spread means the concepts depend on the start.</p>
     return text, summary
 
 
+def _share_and_thumbs(row: dict, total_mass: float, images: np.ndarray) -> tuple[str, str]:
+    """A factor-table row's share of the total activation and its strip of top images (HTML)."""
+    thumbs = _rgb(images[row["top_images"][:_THUMBS_PER_FACTOR]])
+    share = f'{100 * row["mass"] / total_mass if total_mass else 0:.1f}%'
+    return share, _img(_png_uri(_mosaic(thumbs, thumbs.shape[0]), max(1, 64 // images.shape[1])),
+                       f'top images of factor {row["factor"]}', "thumbs")
+
+
 def _factor_section(table: list[dict], probe: _Probe, figures: _Figures) -> str:
     if probe.labels is None:
         return _unlabelled_factor_section(table, probe, figures)
     images = probe.images
     total_mass = sum(row["mass"] for row in table)
-    scale = max(1, 64 // images.shape[1])
     rows = []
     for row in table:
-        thumbs = _rgb(images[row["top_images"][:_THUMBS_PER_FACTOR]])
+        share, thumbs = _share_and_thumbs(row, total_mass, images)
         superclass = row["top_superclass"]
         rows.append([
             f'<b>{row["factor"]}</b>',
-            f'{100 * row["mass"] / total_mass if total_mass else 0:.1f}%',
+            share,
             "<br>".join(f'{html.escape(c["name"])} ({c["weight"]:.2f})'
                         for c in row["top_classes"]),
             "&ndash;" if superclass is None
             else f'{html.escape(superclass["name"])} ({superclass["weight"]:.2f})',
             f'{row["entropy"]:.2f}',
-            _img(_png_uri(_mosaic(thumbs, thumbs.shape[0]), scale),
-                 f'top images of factor {row["factor"]}', "thumbs"),
+            thumbs,
         ])
     figures.save(_top_images_figure(images, table), "top_images")
     n_classes = len(probe.class_names)
@@ -545,13 +551,7 @@ The images are the {min(_THUMBS_PER_FACTOR, n_top)} with the largest F[k, n], la
 def _unlabelled_factor_section(table: list[dict], probe: _Probe, figures: _Figures) -> str:
     images = probe.images
     total_mass = sum(row["mass"] for row in table)
-    scale = max(1, 64 // images.shape[1])
-    rows = []
-    for row in table:
-        thumbs = _rgb(images[row["top_images"][:_THUMBS_PER_FACTOR]])
-        rows.append([f'<b>{row["factor"]}</b>', f'{100 * row["mass"] / total_mass if total_mass else 0:.1f}%',
-                     _img(_png_uri(_mosaic(thumbs, thumbs.shape[0]), scale), f'top images of factor {row["factor"]}',
-                          "thumbs")])
+    rows = [[f'<b>{row["factor"]}</b>', *_share_and_thumbs(row, total_mass, images)] for row in table]
     figures.save(_top_images_figure(images, table), "top_images")
     n_top = len(table[0]["top_images"])
     return f"""

@@ -45,12 +45,9 @@ def fingerprint(**parts: Any) -> str:
     return digest.hexdigest()
 
 
-def save(path: Path, key: str, next_start: int, carry, trace: np.ndarray) -> None:
-    """Write the loop state ``carry`` (any pytree of arrays) reached before iteration ``next_start``."""
-    leaves = jax.tree.leaves(carry)
-    meta = {"format": FORMAT, "version": VERSION, "fingerprint": key, "next_start": int(next_start)}
-    arrays = {"meta": np.array(json.dumps(meta)), "trace": trace,
-              **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}}
+def write_npz_atomic(path: Path, arrays: dict) -> None:
+    """``np.savez`` of ``arrays`` to a temporary name beside ``path``, flushed, then renamed over it:
+    a reader or a kill finds the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -62,6 +59,15 @@ def save(path: Path, key: str, next_start: int, carry, trace: np.ndarray) -> Non
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save(path: Path, key: str, next_start: int, carry, trace: np.ndarray) -> None:
+    """Write the loop state ``carry`` (any pytree of arrays) reached before iteration ``next_start``."""
+    leaves = jax.tree.leaves(carry)
+    meta = {"format": FORMAT, "version": VERSION, "fingerprint": key, "next_start": int(next_start)}
+    arrays = {"meta": np.array(json.dumps(meta)), "trace": trace,
+              **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}}
+    write_npz_atomic(path, arrays)
 
 
 def load(path: Path, key: str, template):

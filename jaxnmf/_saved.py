@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from ._checkpoint import write_npz_atomic
 from ._fit import NMFResult
 
 __all__ = ["load_fit", "save_fit"]
@@ -61,17 +61,7 @@ def save_fit(result: NMFResult, path: str | os.PathLike) -> Path:
                   "losses": np.asarray(result.losses), "restart_losses": np.asarray(result.restart_losses),
                   "active": np.asarray(result.active, bool), **stored,
                   **{f"factor_{i}": np.asarray(w) for i, w in enumerate(arrays)}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays_out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_npz_atomic(path, arrays_out)
     return path
 
 
