@@ -287,7 +287,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
         dtype=jnp.float32, check_every: int = 10, progress: bool = False, solver: str = "mu",
         one_pass: bool | None = None, block_dtype=None, penalty_units: str = "relative",
-        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100) -> NMFResult:
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100, signed=None) -> NMFResult:
     """Coupled NMF of blocks X_b ~ W_b F with one shared example factor F (paper Eq. 3.1, 3.2).
 
     Minimises J = sum_b w_b ||X_b - W_b F||^2 + l2_F ||F||^2 + sum_b l2_b ||W_b||^2
@@ -364,6 +364,11 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         (bit-identical on a CPU to a fit never stopped; a finished fit returns at once); a
         checkpoint of other data or options is refused with a ValueError (``jaxnmf._checkpoint``).
       checkpoint_every: iterations between checkpoints (rounded up to whole chunks of ~50).
+      signed: None, or the keys of blocks whose W_b is unconstrained (semi-NMF; names of a mapping,
+        positions of a sequence): such a block may hold negative data (e.g. mean-centred pixels, so
+        that a concept can say "red, not green"), its W_b is set to its exact least-squares
+        minimiser at every step, and F (still >= 0) takes the semi-NMF update of Ding, Li & Jordan
+        under MU (``jaxnmf._mu``; HALS's F update is exact as it is). l1 must be 0 on a signed block.
 
     Returns:
       ``NMFResult``. When no factor is active (``result.collapsed``) a ``RuntimeWarning`` is
@@ -401,7 +406,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
                                 l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                                 block_weights=block_weights, group_F=group_F, example_groups=example_groups,
                                 check_every=check_every, solver=solver, penalty_units=penalty_units,
-                                convert=lambda x: _to_device(x, block_dtype))
+                                signed=signed, convert=lambda x: _to_device(x, block_dtype))
     rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
         "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
     weights, groups, n_groups, n = st["weights"], st["example_groups"], st["n_groups"], bl.arrays[0].shape[1]
@@ -465,7 +470,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
             carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
                                           start, groups_j, length=length, check_every=check_every,
                                           unit_columns=st["unit_columns"], n_groups=n_groups,
-                                          step_fn=step_fn, exact_checks=tol > 0)
+                                          step_fn=step_fn, exact_checks=tol > 0, signed=st["signed"])
             traces.append(np.asarray(losses, np.float64))
             bar.update(min(length, max_iter - start))
             bar.set_postfix(loss=float(np.min(np.asarray(carry.loss, np.float64)) * scaling.c))
@@ -513,7 +518,7 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     """F (rank, N_new) for new examples, the block factors of ``result`` held fixed.
 
     Solves min_{F >= 0} J(F, W) with the weights and F-penalties of the fit, by multiplicative
-    updates of F alone (Eq. 3.2, first line); stops when ||F_t - F_{t-10}|| / ||F_{t-10}|| < tol.
+    updates of F alone (Eq. 3.2, first line; the semi-NMF rule when the fit had signed blocks); stops when ||F_t - F_{t-10}|| / ||F_{t-10}|| < tol.
     ``new_blocks``: the same blocks (container, names, rows) as the fit, any number of columns.
     ``example_groups``: (N_new,) group of each new example, required when the fit had example
     groups and a group penalty (e.g. the network's predicted class); otherwise ignored.
@@ -540,7 +545,8 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     groups, n_groups, group_F = _transform_groups(st, int(result.F.shape[1]), example_groups, n_new)
     dtype = st["dtype"]
     bl = bl.map(lambda x: _to_device(x, dtype))
-    stats = P.block_stats(bl)
+    signed = tuple(bool(v) for v in st.get("signed", ()))
+    stats = P.block_stats(bl, signed)
     scaling = _Scaling.of(stats, st["weights"], dtype, [x.shape[0] for x in bl.arrays], n_new)
     raw = st["raw_penalties"]
     params = scaling.params(st["weights"], raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], group_F, dtype)
@@ -549,7 +555,7 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     F0 = jnp.full((st["rank"], n_new), float(jnp.mean(result.F)) or 1.0, dtype)
     F, _ = _run_transform(arrays, F0, factors, params, jnp.asarray(tol, dtype),
                           None if groups is None else jnp.asarray(groups), length=max_iter, check_every=10,
-                          n_groups=n_groups)
+                          n_groups=n_groups, signed=any(signed))
     return F
 
 
@@ -580,9 +586,9 @@ def _transform_groups(st: dict, n_fit: int, example_groups, n_new: int):
     return groups, n_groups, unit * np.sqrt(np.bincount(groups, minlength=n_groups))
 
 
-def _check_objective_factors(F, fac: P.Blocks, bl: P.Blocks) -> jax.Array:
+def _check_objective_factors(F, fac: P.Blocks, bl: P.Blocks, signed: tuple[bool, ...] = ()) -> jax.Array:
     """F as a JAX array after checking F (rank, N) and every W_b (rows_b, rank): float32 or float64,
-    finite, non-negative, shapes matching the blocks."""
+    finite, non-negative (except the W_b of ``signed`` blocks), shapes matching the blocks."""
     dtype = getattr(F, "dtype", None) or np.asarray(F).dtype
     if jnp.dtype(dtype) not in (jnp.float32, jnp.float64):
         raise TypeError(f"F must be float32 or float64 (rank, N), got dtype {dtype}")
@@ -595,18 +601,20 @@ def _check_objective_factors(F, fac: P.Blocks, bl: P.Blocks) -> jax.Array:
         if tuple(w.shape) != (x.shape[0], rank):
             raise ValueError(f"factors: {label} has shape {tuple(w.shape)}, expected (rows, rank) = "
                              f"{(x.shape[0], rank)} (rank from F {F.shape})")
-    for name, a in [("F", F)] + [(f"factors: {lb}", w) for lb, w in zip(fac.labels, fac.arrays)]:
+    for b, (name, a) in enumerate([("F", F)] + [(f"factors: {lb}", w) for lb, w in zip(fac.labels, fac.arrays)]):
         a = np.asarray(a)
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise ValueError(f"{name} must be finite and non-negative")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} must be finite")
+        if (a < 0).any() and not (b > 0 and signed and signed[b - 1]):
+            raise ValueError(f"{name} must be non-negative" + (" (or a signed block: signed=[...])" if b else ""))
     return F
 
 
 def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
               block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
-              penalty_units: str = "relative") -> jax.Array:
-    """J(F, W) of Eq. 3.1 with penalties (see ``fit``, same arguments and ``penalty_units``), by
-    explicit residuals, in F's dtype.
+              penalty_units: str = "relative", signed=None) -> jax.Array:
+    """J(F, W) of Eq. 3.1 with penalties (see ``fit``, same arguments, ``penalty_units`` and
+    ``signed``), by explicit residuals, in F's dtype.
 
     F: (rank, N); factors: W_b (rows_b, rank) in the container of ``blocks``.
     """
@@ -616,8 +624,9 @@ def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: flo
         raise ValueError(f"factors have blocks {list(fac.keys)}, blocks have {list(bl.keys)}")
     if not isinstance(penalty_units, str) or penalty_units not in P.PENALTY_UNITS:
         raise ValueError(f"penalty_units must be one of {P.PENALTY_UNITS}, got {penalty_units!r}")
-    F = _check_objective_factors(F, fac, bl)
-    P.block_stats(bl)  # every block finite and non-negative
+    signed = P.check_signed(signed, bl)
+    F = _check_objective_factors(F, fac, bl, signed)
+    P.block_stats(bl, signed)  # every block finite, and non-negative unless signed
     arrays = tuple(jnp.asarray(x, F.dtype) for x in bl.arrays)
     sq = np.array([float(jnp.sum(x * x)) for x in arrays])
     if isinstance(block_weights, str) and block_weights == "frobenius":

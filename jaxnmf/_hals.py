@@ -34,6 +34,11 @@ block, the others held fixed. One step, Gauss-Seidel, as MU (F first, then every
        W_b[:, k] = max(0, (w_b (P_b[:, k] - sum_{j != k} W_b[:, j] Q_jk) - l1_b) / (w_b Q_kk + l2_b)),
    the exact minimiser of w_b ||X_b - W_b F||^2 + l2_b ||W_b||^2 + 2 l1_b sum(W_b) over column k.
 
+Signed blocks (semi-NMF, ``signed``; see ``_mu``): the W_b of a signed block is unconstrained and is
+set to its exact minimiser over the whole block, W_b = w_b P_b (w_b Q + l2_b I)^+
+(``_mu.least_squares_rows``), instead of column sweeps; the F rows need nothing new (step 1 is
+exact for R and G of any sign).
+
 Every block update minimises J exactly over its block, so J never increases (up to rounding),
 with every penalty, group_F and example groups included. Both updates are the same operation on a
 (d, n) matrix V, row by row: ``_rows_sweep`` (F: V = F, W_b: V = W_b^T).
@@ -78,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._mu import MUState, Params, _penalties, factor_statistics
+from ._mu import MUState, Params, _penalties, factor_statistics, is_signed, least_squares_rows
 from ._tiles import dot as _dot
 
 SWEEPS = 4  # sweeps over F's rows (W's columns) per pass over the data: see "Inner sweeps" above
@@ -167,23 +172,31 @@ def _per_row(values: jax.Array, rows: Sequence[int]) -> jax.Array:
 
 
 def hals_update_W(blocks: Sequence[jax.Array], factors: Sequence[jax.Array], F: jax.Array, params: Params,
-                  unit_columns: bool = False, FFt: jax.Array | None = None, *, sweeps: int = SWEEPS
-                  ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+                  unit_columns: bool = False, FFt: jax.Array | None = None, *, sweeps: int = SWEEPS,
+                  signed: tuple[bool, ...] = ()) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """``sweeps`` HALS sweeps over the columns of every W_b (rows_b, d), F (d, N) fixed (step 2).
 
     The column updates of different blocks are independent, so all blocks run as one sweep over
-    the stacked factor [W_1; ...; W_B] (M, d) with per-row weights and penalties. With
-    ``unit_columns`` the columns are rescaled once, after the last sweep.
+    the stacked factor [W_1; ...; W_B] (M, d) with per-row weights and penalties. A ``signed``
+    block is set to its exact least-squares minimiser instead. With ``unit_columns`` the columns
+    are rescaled once, after the last sweep.
     Returns (the new W_b, the P_b = X_b F^T / s_b (rows_b, d) it formed).
     """
     FFt = _dot(F, F.T) if FFt is None else FFt
-    rows = [w.shape[0] for w in factors]
     xfts = tuple(_dot(x.astype(F.dtype), F.T) / params.data_scale[b] for b, x in enumerate(blocks))
-    V = jnp.concatenate(factors, axis=0).T  # (d, M)
-    V = _rows_sweep(V, FFt, jnp.concatenate(xfts, axis=0).T, _per_row(params.l2, rows), _per_row(params.l1, rows),
-                    scale=_per_row(params.weights, rows), sweeps=sweeps)
+    swept = [b for b in range(len(factors)) if not is_signed(signed, b)]
+    new = {b: least_squares_rows(factors[b], xfts[b], FFt, params.weights[b], params.l2[b])
+           for b in range(len(factors)) if is_signed(signed, b)}
+    if swept:
+        rows = [factors[b].shape[0] for b in swept]
+        pick = lambda values: jnp.stack([values[b] for b in swept])
+        V = jnp.concatenate([factors[b] for b in swept], axis=0).T  # (d, M)
+        V = _rows_sweep(V, FFt, jnp.concatenate([xfts[b] for b in swept], axis=0).T, _per_row(pick(params.l2), rows),
+                        _per_row(pick(params.l1), rows), scale=_per_row(pick(params.weights), rows), sweeps=sweeps)
+        new.update(zip(swept, jnp.split(V.T, np.cumsum(rows)[:-1], axis=0)))
     out = []
-    for b, w in enumerate(jnp.split(V.T, np.cumsum(rows)[:-1], axis=0)):
+    for b in range(len(factors)):
+        w = new[b]
         if unit_columns:
             norms = jnp.sqrt(jnp.sum(w * w, axis=0, keepdims=True))
             w = w * (params.column_norm[b] / jnp.maximum(norms, jnp.finfo(w.dtype).tiny))
@@ -193,7 +206,7 @@ def hals_update_W(blocks: Sequence[jax.Array], factors: Sequence[jax.Array], F: 
 
 def hals_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_sq_norms: jax.Array | None = None,
               *, unit_columns: bool = False, groups: jax.Array | None = None, n_groups: int = 1,
-              sweeps: int = SWEEPS) -> tuple[MUState, jax.Array]:
+              sweeps: int = SWEEPS, signed: tuple[bool, ...] = ()) -> tuple[MUState, jax.Array]:
     """One coupled HALS step (rows of F, then the columns of every W_b); same contract as ``mu_step``.
 
     Pure, usable under ``jit``, ``lax.scan`` and ``vmap``. Two passes over the data (W^T X for F,
@@ -208,6 +221,7 @@ def hals_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_
       unit_columns: rescale the columns of every W_b to ``params.column_norm`` after its update.
       groups, n_groups: example groups of the group-sparse penalty, (N,) ints in [0, n_groups),
         or None for groups = rows of F.
+      signed: (B,) bools (static), the blocks whose W_b is unconstrained; () for none.
     Returns:
       the new state and J at it, from the products the updates formed:
       ||X_b - W_b F||^2 = ||X_b||^2 - 2 <W_b, X_b F^T> + <W_b^T W_b, F F^T>.
@@ -217,7 +231,7 @@ def hals_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_
     if data_sq_norms is None:
         data_sq_norms = jnp.stack([jnp.sum(jnp.square(x.astype(F.dtype) / params.data_scale[b]))
                                    for b, x in enumerate(blocks)])
-    factors, xfts = hals_update_W(blocks, state.factors, F, params, unit_columns, FFt, sweeps=sweeps)
+    factors, xfts = hals_update_W(blocks, state.factors, F, params, unit_columns, FFt, sweeps=sweeps, signed=signed)
     fit = jnp.zeros((), F.dtype)
     for b, (w, xft) in enumerate(zip(factors, xfts)):
         fit = fit + params.weights[b] * (data_sq_norms[b] - 2 * jnp.sum(w * xft) + jnp.sum(_dot(w.T, w) * FFt))

@@ -40,7 +40,7 @@ def _initial_carry(blocks, state, params, groups, n_groups, exact: bool = True):
 
 def _run(blocks, carry: _Carry, params, sq_norms, tol, max_iter, start, groups, *,
          length: int, check_every: int, unit_columns: bool, n_groups: int, step_fn=mu_step,
-         exact_checks: bool = True):
+         exact_checks: bool = True, signed: tuple[bool, ...] = ()):
     """``length`` (a multiple of ``check_every``) iterations of ``step_fn`` under ``lax.scan``.
 
     ``step_fn``: ``mu_step`` or any step with its signature and contract (``_hals.hals_step``).
@@ -49,14 +49,14 @@ def _run(blocks, carry: _Carry, params, sq_norms, tol, max_iter, start, groups, 
     unchanged. Every ``check_every`` iterations J is evaluated from explicit residuals (the
     per-step J, from the updates' products, loses digits to cancellation in float32) and the fit
     has converged when it decreased by less than ``tol`` relative to the previous check.
-    ``exact_checks=False`` (for ``tol = 0``) skips those evaluations.
+    ``exact_checks=False`` (for ``tol = 0``) skips those evaluations. ``signed``: the step's signed blocks.
     Returns (carry, per-iteration J of shape (length,)).
     """
 
     def step(c: _Carry, t):
         active = (~c.converged) & c.finite & (t < max_iter)
         state, loss = step_fn(blocks, c.state, params, sq_norms, unit_columns=unit_columns,
-                              groups=groups, n_groups=n_groups)
+                              groups=groups, n_groups=n_groups, signed=signed)
         ok = jnp.isfinite(loss)
         take = active & ok
         state = jax.tree.map(lambda new, old: jnp.where(take, new, old), state, c.state)
@@ -81,16 +81,16 @@ def _run(blocks, carry: _Carry, params, sq_norms, tol, max_iter, start, groups, 
 
 
 @functools.partial(jax.jit, static_argnames=("length", "check_every", "unit_columns", "n_groups", "step_fn",
-                                             "exact_checks"), donate_argnames=("carry",))
+                                             "exact_checks", "signed"), donate_argnames=("carry",))
 def _run_restarts(blocks, carry, params, sq_norms, tol, max_iter, start, groups, *, length, check_every,
-                  unit_columns, n_groups, step_fn=mu_step, exact_checks=True):
+                  unit_columns, n_groups, step_fn=mu_step, exact_checks=True, signed=()):
     """``_run`` under ``vmap`` over restarts (the leading axis of ``carry``, donated); data shared.
     ``step_fn`` (static): the step, ``mu_step`` or ``_hals.hals_step``.
 
     A single restart runs without ``vmap``: a size-1 batch axis made ``fit`` on the benchmark's
     paper-like case about 40% slower per iteration on the CPU (0.30 s against 0.21 s)."""
     run = functools.partial(_run, length=length, check_every=check_every, unit_columns=unit_columns,
-                            n_groups=n_groups, step_fn=step_fn, exact_checks=exact_checks)
+                            n_groups=n_groups, step_fn=step_fn, exact_checks=exact_checks, signed=signed)
     if carry.n_iter.shape[0] == 1:
         out = run(blocks, jax.tree.map(lambda a: a[0], carry), params, sq_norms, tol, max_iter, start, groups)
         return jax.tree.map(lambda a: a[None], out)
@@ -111,14 +111,14 @@ def objective_restarts(blocks, states, params, groups, n_groups):
     return lax.map(lambda s: objective(blocks, s.F, s.factors, params, groups, n_groups), states)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "check_every", "n_groups"))
-def _run_transform(blocks, F, factors, params, tol, groups, *, length, check_every, n_groups):
+@functools.partial(jax.jit, static_argnames=("length", "check_every", "n_groups", "signed"))
+def _run_transform(blocks, F, factors, params, tol, groups, *, length, check_every, n_groups, signed=False):
     """MU on F only (W_b fixed), a convex problem: NNLS per column, coupling the columns of a group when
-    the group penalty is on. Returns (F, n_iter)."""
+    the group penalty is on; ``signed``: some W_b are signed (the semi-NMF rule). Returns (F, n_iter)."""
 
     def body(c, _):
         F, prev, n, done = c
-        F_new = update_F(blocks, F, factors, params, groups, n_groups)
+        F_new = update_F(blocks, F, factors, params, groups, n_groups, signed=signed)
         F = jnp.where(done, F, F_new)
         n = n + (~done).astype(jnp.int32)
         check = (~done) & (n % check_every == 0)

@@ -19,6 +19,20 @@ One step (paper Eq. 3.2, Gauss-Seidel: F first, then every W_b with the new F):
 
 Each update is the minimiser of a separable quadratic majoriser of J (Lee & Seung; the group
 norm is majorised by ||f|| <= ||f||^2 / (2 ||f_t||) + ||f_t|| / 2), so J never increases.
+
+Signed blocks (semi-NMF, ``signed``): a block marked signed may hold negative data and its W_b is
+unconstrained (F stays >= 0). Its update is the exact minimiser over W_b (l1_b must be 0),
+
+    W_b <- w_b X_b F^T (w_b F F^T + l2_b I)^+                       (rows_b, d), pseudo-inverse,
+
+and, since R = sum_b w_b W_b^T X_b and G = sum_b w_b W_b^T W_b then have entries of both signs,
+F takes the semi-NMF rule of Ding, Li & Jordan (2010, Theorem 2), with R = R+ - R-, G = G+ - G-
+split into their positive and negative parts:
+
+    F <- F * sqrt((R+ + G- F) / (R- + G+ F + l2_F F + l1_F + group_F_g F / ||F[k, g]||)),
+
+the minimiser of an auxiliary function of J (the group term majorised as above), so J still never
+increases. Without signed blocks R, G >= 0 and the plain rule above is used.
 Denominators are floored at the dtype's smallest normal number, which only turns 0/0 into 0.
 With ``unit_columns`` (the authors' code) every column of every W_b is rescaled to a fixed L2
 norm after its update, F untouched: J can then rise.
@@ -81,6 +95,11 @@ def _group_norms(F: jax.Array, groups: jax.Array | None, n_groups: int) -> jax.A
     return jnp.sqrt(jax.ops.segment_sum((F * F).T, groups, num_segments=n_groups)).T
 
 
+def is_signed(signed: tuple[bool, ...], b: int) -> bool:
+    """Whether block b is signed, ``signed`` a tuple of bools or () for none."""
+    return bool(signed) and bool(signed[b])
+
+
 def _floor(x: jax.Array) -> jax.Array:
     return jnp.maximum(x, jnp.finfo(x.dtype).tiny)
 
@@ -97,22 +116,28 @@ def factor_statistics(blocks: Sequence[jax.Array], factors: Sequence[jax.Array],
 
 
 def mu_update_F_from(F: jax.Array, R: jax.Array, G: jax.Array, params: Params, groups: jax.Array | None = None,
-                     n_groups: int = 1) -> jax.Array:
-    """Eq. 3.2, first line, given R = sum_b w_b W_b^T X_b (d, N) and G = sum_b w_b W_b^T W_b (d, d)."""
-    den = _dot(G, F) + params.l2_F * F + params.l1_F
+                     n_groups: int = 1, *, signed: bool = False) -> jax.Array:
+    """Eq. 3.2, first line, given R = sum_b w_b W_b^T X_b (d, N) and G = sum_b w_b W_b^T W_b (d, d).
+    ``signed`` (some W_b signed, so R and G have both signs): the semi-NMF rule of the module docstring."""
+    den = params.l2_F * F + params.l1_F
     norms = _group_norms(F, groups, n_groups)
     if groups is None:
         den = den + params.group_F[None, :] * F / _floor(norms)
     else:
         den = den + params.group_F[groups][None, :] * F / _floor(norms[:, groups])
-    return F * R / _floor(den)
+    if signed:
+        num = jnp.maximum(R, 0) + _dot(jnp.maximum(-G, 0), F)
+        ratio = num / _floor(jnp.maximum(-R, 0) + _dot(jnp.maximum(G, 0), F) + den)
+        return jnp.where(F > 0, F * jnp.sqrt(ratio), 0)  # a zero stays zero (ratio may overflow where F = 0)
+    return F * R / _floor(_dot(G, F) + den)
 
 
 def update_F(blocks: Sequence[jax.Array], F: jax.Array, factors: Sequence[jax.Array], params: Params,
-             groups: jax.Array | None = None, n_groups: int = 1) -> jax.Array:
-    """One multiplicative update of F (d, N) with the block factors held fixed (Eq. 3.2, first line)."""
+             groups: jax.Array | None = None, n_groups: int = 1, *, signed: bool = False) -> jax.Array:
+    """One multiplicative update of F (d, N) with the block factors held fixed (Eq. 3.2, first line;
+    the semi-NMF rule when ``signed``)."""
     R, G = factor_statistics(blocks, factors, params)
-    return mu_update_F_from(F, R, G, params, groups, n_groups)
+    return mu_update_F_from(F, R, G, params, groups, n_groups, signed=signed)
 
 
 def mu_update_rows(w: jax.Array, xft: jax.Array, FFt: jax.Array, weight, l2, l1) -> jax.Array:
@@ -121,10 +146,22 @@ def mu_update_rows(w: jax.Array, xft: jax.Array, FFt: jax.Array, weight, l2, l1)
     return w * (weight * xft) / _floor(weight * _dot(w, FFt) + l2 * w + l1)
 
 
-def _update_factor(x, w, F, FFt, b, params, unit_columns):
+def least_squares_rows(w: jax.Array, xft: jax.Array, FFt: jax.Array, weight, l2, l1=None) -> jax.Array:
+    """The exact minimiser over a signed W (rows, d) of w_b ||X - W F||^2 + l2_b ||W||^2, given X F^T / s_b
+    (rows, d) and F F^T (d, d): W = w_b X F^T (w_b F F^T + l2_b I)^+, the pseudo-inverse by eigenvalues
+    (those below d eps of the largest count as zero: the minimum-norm minimiser when F F^T is singular).
+    ``w`` and ``l1`` are unused (l1 must be 0 on a signed block); the signature is ``mu_update_rows``'s."""
+    d = FFt.shape[0]
+    e, V = jnp.linalg.eigh(weight * FFt + l2 * jnp.eye(d, dtype=FFt.dtype))
+    inverse = jnp.where(e > d * jnp.finfo(e.dtype).eps * jnp.max(e), 1 / jnp.where(e > 0, e, 1), 0)
+    return _dot(_dot(weight * xft, V) * inverse[None, :], V.T)
+
+
+def _update_factor(x, w, F, FFt, b, params, unit_columns, signed=False):
     """W_b update with its X_b F^T (rows_b, d), returned for the cheap objective."""
     xft = _dot(x.astype(F.dtype), F.T) / params.data_scale[b]
-    w = mu_update_rows(w, xft, FFt, params.weights[b], params.l2[b], params.l1[b])
+    rows_update = least_squares_rows if signed else mu_update_rows
+    w = rows_update(w, xft, FFt, params.weights[b], params.l2[b], params.l1[b])
     if unit_columns:
         norms = jnp.sqrt(jnp.sum(w * w, axis=0, keepdims=True))
         w = w * (params.column_norm[b] / _floor(norms))
@@ -141,8 +178,8 @@ def _penalties(F, factors, params, groups, n_groups):
 
 
 def mu_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_sq_norms: jax.Array | None = None,
-            *, unit_columns: bool = False, groups: jax.Array | None = None, n_groups: int = 1
-            ) -> tuple[MUState, jax.Array]:
+            *, unit_columns: bool = False, groups: jax.Array | None = None, n_groups: int = 1,
+            signed: tuple[bool, ...] = ()) -> tuple[MUState, jax.Array]:
     """One coupled multiplicative-update step; pure, usable under ``jit``, ``lax.scan`` and ``vmap``.
 
     Args:
@@ -153,18 +190,20 @@ def mu_step(blocks: Sequence[jax.Array], state: MUState, params: Params, data_sq
       unit_columns: rescale the columns of every W_b to ``params.column_norm`` (authors' code).
       groups, n_groups: example groups of the group-sparse penalty, (N,) ints in [0, n_groups),
         or None for groups = rows of F.
+      signed: (B,) bools (static), the blocks whose W_b is unconstrained (semi-NMF, module
+        docstring); () for none.
     Returns:
       the new state and J at the new state (Eq. 3.1 with penalties), computed from the products
       the updates already formed: ||X - WF||^2 = ||X||^2 - 2 <W, X F^T> + <W^T W, F F^T>.
     """
-    F = update_F(blocks, state.F, state.factors, params, groups, n_groups)
+    F = update_F(blocks, state.F, state.factors, params, groups, n_groups, signed=any(signed))
     FFt = _dot(F, F.T)
     if data_sq_norms is None:
         data_sq_norms = jnp.stack([jnp.sum(jnp.square(x.astype(F.dtype) / params.data_scale[b]))
                                    for b, x in enumerate(blocks)])
     factors, fit = [], jnp.zeros((), F.dtype)
     for b, (x, w) in enumerate(zip(blocks, state.factors)):
-        w, xft = _update_factor(x, w, F, FFt, b, params, unit_columns)
+        w, xft = _update_factor(x, w, F, FFt, b, params, unit_columns, is_signed(signed, b))
         factors.append(w)
         fit = fit + params.weights[b] * (data_sq_norms[b] - 2 * jnp.sum(w * xft) + jnp.sum(_dot(w.T, w) * FFt))
     factors = tuple(factors)

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._hals import SWEEPS, hals_update_F_from, hals_update_rows
-from ._mu import MUState, Params, _floor, _penalties, factor_statistics, mu_update_F_from, mu_update_rows
+from ._mu import (MUState, Params, _floor, _penalties, factor_statistics, is_signed, least_squares_rows,
+                  mu_update_F_from, mu_update_rows)
 from ._tiles import dot as _dot, fold_row_tiles, tile_rows
 
 PASS_TILE_BYTES = 16 << 20  # rows per tile: about this many bytes of converted data (the fastest of 8 to 64 MB here)
@@ -90,10 +91,10 @@ class OnePassStep:
     sweeps: int = SWEEPS
 
     def __call__(self, blocks: Sequence[jax.Array], state: PassState, params: Params, data_sq_norms: jax.Array,
-                 *, unit_columns: bool = False, groups: jax.Array | None = None, n_groups: int = 1
-                 ) -> tuple[PassState, jax.Array]:
+                 *, unit_columns: bool = False, groups: jax.Array | None = None, n_groups: int = 1,
+                 signed: tuple[bool, ...] = ()) -> tuple[PassState, jax.Array]:
         if self.solver == "mu":
-            F = mu_update_F_from(state.F, state.R, state.G, params, groups, n_groups)
+            F = mu_update_F_from(state.F, state.R, state.G, params, groups, n_groups, signed=any(signed))
             update_rows = mu_update_rows
         else:
             F = hals_update_F_from(state.F, state.R, state.G, params, groups, n_groups, sweeps=self.sweeps)
@@ -103,9 +104,10 @@ class OnePassStep:
         for b, (x, w) in enumerate(zip(blocks, state.factors)):
             weight = params.weights[b]
             w, A, WtW, c = _block_pass(x, w, F, FFt, weight, params.data_scale[b], params.l2[b], params.l1[b],
-                                       update_rows, self.tile_bytes)
+                                       least_squares_rows if is_signed(signed, b) else update_rows, self.tile_bytes)
             if unit_columns:
-                D = params.column_norm[b] / _floor(jnp.sqrt(jnp.diagonal(WtW)))  # (d,)
+                norms = jnp.sqrt(jnp.diagonal(WtW))  # (d,); a zero column stays zero (D = 0, not 1 / tiny: D^2 overflows)
+                D = jnp.where(norms > 0, params.column_norm[b] / _floor(norms), 0)
                 w, A, WtW, c = w * D[None, :], A * D[:, None], WtW * jnp.outer(D, D), c * D
             factors.append(w)
             R = R + weight * A

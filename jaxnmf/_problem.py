@@ -57,9 +57,9 @@ class Blocks:
 class BlockStats:
     """Per-block statistics computed in float64 in one pass over each block."""
 
-    max: np.ndarray  # (B,)
+    max: np.ndarray  # (B,) the largest |entry|
     sq_norm: np.ndarray  # (B,) ||X_b||_F^2
-    mean: np.ndarray  # (B,)
+    mean: np.ndarray  # (B,) the mean entry; for a signed block the root-mean-square entry (a positive scale)
 
 
 def as_blocks(blocks: Any, arg: str = "blocks") -> Blocks:
@@ -151,20 +151,41 @@ def _device_stats(x: jax.Array, label: str) -> tuple[float, float, float, float]
             float(np.sum(tot, dtype=np.float64)) * scale)
 
 
-def block_stats(blocks: Blocks) -> BlockStats:
-    """Check each block is finite and non-negative; return max, squared norm and mean.
+def block_stats(blocks: Blocks, signed: tuple[bool, ...] = ()) -> BlockStats:
+    """Check each block is finite and non-negative (a ``signed`` block may be negative); return the
+    largest |entry|, squared norm and mean (root-mean-square for a signed block).
 
     NumPy arrays (memory-mapped too) are read in float64 row chunks; JAX arrays and
     ``NarrowBlock``s are reduced on their device in row tiles (rows in float32 or the array's
     wider dtype, the totals in float64).
     """
     maxs, sq, means = [], [], []
-    for label, x in zip(blocks.labels, blocks.arrays):
+    for b, (label, x) in enumerate(zip(blocks.labels, blocks.arrays)):
         lo, hi, s, tot = (_device_stats if isinstance(x, (jax.Array, NarrowBlock)) else _numpy_stats)(x, label)
+        size = x.shape[0] * x.shape[1]
+        if signed and signed[b]:
+            maxs.append(max(hi, -lo)), sq.append(s), means.append(float(np.sqrt(s / size)))
+            continue
         if lo < 0:
-            raise ValueError(f"{label} has negative entries (min {lo:.3g}); NMF needs non-negative data")
-        maxs.append(hi), sq.append(s), means.append(tot / (x.shape[0] * x.shape[1]))
+            raise ValueError(f"{label} has negative entries (min {lo:.3g}); NMF needs non-negative data "
+                             "(or mark the block signed: fit(..., signed=[...]) lets its factor take both signs)")
+        maxs.append(hi), sq.append(s), means.append(tot / size)
     return BlockStats(np.array(maxs), np.array(sq), np.array(means))
+
+
+def check_signed(signed: Any, blocks: Blocks) -> tuple[bool, ...]:
+    """The blocks whose W_b is unconstrained (semi-NMF): None or a collection of block keys (names of a
+    mapping, positions of a sequence). Returns (B,) bools, or () when none is signed."""
+    if signed is None:
+        return ()
+    if isinstance(signed, (str, bytes)) or not isinstance(signed, (Sequence, set, frozenset)):
+        raise TypeError(f"signed must be None or a list of block keys, e.g. signed=[{blocks.keys[0]!r}], "
+                        f"got {signed!r}")
+    unknown = [k for k in signed if k not in blocks.keys]
+    if unknown:
+        raise ValueError(f"signed names {unknown}, which are not blocks; the blocks are {list(blocks.keys)}")
+    flags = tuple(k in signed for k in blocks.keys)
+    return flags if any(flags) else ()
 
 
 def _float(value: Any, arg: str) -> float:
@@ -239,8 +260,10 @@ def check_rank(rank: Any, blocks: Blocks) -> int:
     return int(rank)
 
 
-def check_init(init: Any, blocks: Blocks, rank: int) -> str | tuple[np.ndarray, list[np.ndarray]]:
-    """Return an init name, or explicit (F0 (rank, N), [W0_b (rows_b, rank)]) as float64 arrays."""
+def check_init(init: Any, blocks: Blocks, rank: int, signed: tuple[bool, ...] = ()
+               ) -> str | tuple[np.ndarray, list[np.ndarray]]:
+    """Return an init name, or explicit (F0 (rank, N), [W0_b (rows_b, rank)]) as float64 arrays
+    (W0_b of a ``signed`` block may be negative)."""
     if isinstance(init, str):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS} or explicit factors (F0, W0s), got {init!r}")
@@ -264,9 +287,11 @@ def check_init(init: Any, blocks: Blocks, rank: int) -> str | tuple[np.ndarray, 
         if w.shape != (x.shape[0], rank):
             raise ValueError(f"init factor of {label} has shape {w.shape}, expected (rows, rank) = {(x.shape[0], rank)}")
         ws.append(w)
-    for name, a in [("F0", f0)] + [(f"factor of {lb}", w) for lb, w in zip(blocks.labels, ws)]:
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise ValueError(f"init {name} must be finite and non-negative")
+    for b, (name, a) in enumerate([("F0", f0)] + [(f"factor of {lb}", w) for lb, w in zip(blocks.labels, ws)]):
+        if not np.isfinite(a).all():
+            raise ValueError(f"init {name} must be finite")
+        if (a < 0).any() and not (b > 0 and signed and signed[b - 1]):
+            raise ValueError(f"init {name} must be non-negative")
     return f0, ws
 
 
@@ -328,7 +353,8 @@ PENALTY_UNITS = ("relative", "raw")
 
 def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_restarts: Any, l2_F: Any, l2: Any,
               l1_F: Any, l1: Any, unit_columns: Any, block_weights: Any, group_F: Any, example_groups: Any,
-              check_every: Any, solver: Any, penalty_units: Any, convert=None) -> tuple[Blocks, BlockStats, dict]:
+              check_every: Any, solver: Any, penalty_units: Any, signed: Any = None, convert=None
+              ) -> tuple[Blocks, BlockStats, dict]:
     """Check every ``fit`` argument (shared by ``jaxnmf.fit`` and ``jaxnmf.reference.fit``).
 
     ``convert`` (``fit``: onto the device) is applied to every block after the cheap checks and
@@ -338,15 +364,16 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
     n_restarts, check_every, tol, solver, init (a name or explicit (F0, [W0_b])), weights (B,),
     l2 (B,), l1 (B,), l2_F, l1_F, group_F (as given, in ``penalty_units``), example_groups ((N,)
     ints in [0, n_groups) or None), n_groups, group_labels (the given group of each index, or
-    None), unit_columns, penalty_units.
+    None), unit_columns, penalty_units, signed ((B,) bools, or () when no block is signed).
     """
     bl = as_blocks(blocks)
     rank = check_rank(rank, bl)
+    signed = check_signed(signed, bl)
     if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(penalty_units, str) or penalty_units not in PENALTY_UNITS:
         raise ValueError(f"penalty_units must be one of {PENALTY_UNITS}, got {penalty_units!r}")
-    init = check_init(init, bl, rank)
+    init = check_init(init, bl, rank, signed)
     if solver == "mu" and isinstance(init, tuple):
         check_mu_init(init, bl)
     n_restarts = check_positive_int(n_restarts, "n_restarts")
@@ -359,9 +386,13 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
         init=init, l2=per_block(l2, bl, "l2"), l1=per_block(l1, bl, "l1"), l2_F=scalar(l2_F, "l2_F"),
         l1_F=scalar(l1_F, "l1_F"), group_F=scalar(group_F, "group_F"), example_groups=groups, n_groups=n_groups,
         group_labels=None if groups is None else np.unique(np.asarray(example_groups)),
-        unit_columns=check_bool(unit_columns, "unit_columns"), penalty_units=penalty_units)
+        unit_columns=check_bool(unit_columns, "unit_columns"), penalty_units=penalty_units, signed=signed)
+    l1_signed = [lb for lb, s, v in zip(bl.labels, signed, settings["l1"]) if s and v > 0]
+    if l1_signed:
+        raise ValueError(f"l1: {', '.join(l1_signed)} is signed, and the l1 penalty 2 l1 sum(W_b) is only a norm of a "
+                         "non-negative W_b: give l1=0 for signed blocks (l2 is allowed)")
     if convert is not None:
         bl = bl.map(convert)
-    stats = block_stats(bl)
+    stats = block_stats(bl, signed)
     settings["weights"] = resolve_block_weights(block_weights, bl, stats)
     return bl, stats, settings

@@ -13,6 +13,10 @@ scaling), one block at a time, with the objective evaluated from explicit residu
 HALS (``solver="hals"``; maths in ``jaxnmf._hals``): exact minimisation of J over one row of F,
 then one column of one W_b, at a time (``hals_update_F``, ``hals_update_W``, ``hals_step``).
 
+Signed blocks (semi-NMF, ``signed``; maths in ``jaxnmf._mu``): W_b is the least-squares minimiser
+w_b X_b F^T (w_b F F^T + l2_b I)^+ (``least_squares_W``, by ``numpy.linalg.pinv``) under both
+solvers, and MU's F update is the semi-NMF rule of Ding, Li & Jordan (``update_F(signed=True)``).
+
 The functions below take raw penalties (group_F: one weight per example group, or one number);
 ``fit`` maps the user's values to them (``raw_penalties``, the same mapping as ``jaxnmf.fit``'s
 ``penalty_units``) and balances the initial components (``balance``).
@@ -55,19 +59,33 @@ def group_weight_of_each_entry(group_F, groups, n: int) -> np.ndarray:
     return np.full(n, group_F[0]) if group_F.size == 1 else group_F[groups]
 
 
-def update_F(X, F, Ws, weights, l2_F, l1_F, group_F=0.0, groups=None):
-    """One multiplicative update of F (d, N), the block factors W_b (rows_b, d) held fixed."""
+def update_F(X, F, Ws, weights, l2_F, l1_F, group_F=0.0, groups=None, signed=False):
+    """One multiplicative update of F (d, N), the block factors W_b (rows_b, d) held fixed.
+
+    ``signed`` (some W_b have negative entries): F <- F sqrt((R+ + G- F) / (R- + G+ F + penalties)),
+    R = sum_b w_b W_b^T X_b and G = sum_b w_b W_b^T W_b split into positive and negative parts."""
     tiny = np.finfo(F.dtype).tiny
-    numerator = np.zeros_like(F)
-    denominator = np.zeros_like(F)
-    for x, w, wb in zip(X, Ws, weights):
-        numerator += wb * (w.T @ x)
-        denominator += wb * ((w.T @ w) @ F)
-    denominator += l2_F * F + l1_F
+    R = sum(wb * (w.T @ x) for x, w, wb in zip(X, Ws, weights))
+    G = sum(wb * (w.T @ w) for w, wb in zip(Ws, weights))
+    penalty = l2_F * F + l1_F
     if np.any(np.asarray(group_F) > 0):
-        denominator += (group_weight_of_each_entry(group_F, groups, F.shape[1]) * F
-                        / np.maximum(group_norm_of_each_entry(F, groups), tiny))
-    return F * numerator / np.maximum(denominator, tiny)
+        penalty = penalty + (group_weight_of_each_entry(group_F, groups, F.shape[1]) * F
+                             / np.maximum(group_norm_of_each_entry(F, groups), tiny))
+    if signed:
+        positive, negative = (lambda a: np.maximum(a, 0)), (lambda a: np.maximum(-a, 0))
+        numerator = positive(R) + negative(G) @ F
+        with np.errstate(over="ignore", invalid="ignore"):  # where F = 0 (which stays 0) the ratio may overflow
+            ratio = numerator / np.maximum(negative(R) + positive(G) @ F + penalty, tiny)
+            return np.where(F > 0, F * np.sqrt(ratio), 0.0)
+    return F * R / np.maximum(G @ F + penalty, tiny)
+
+
+def least_squares_W(x, F, weight, l2_b):
+    """The W_b (rows_b, d) minimising w_b ||X_b - W_b F||^2 + l2_b ||W_b||^2 without a sign constraint:
+    w_b X_b F^T (w_b F F^T + l2_b I)^+."""
+    d = F.shape[0]
+    return (weight * (x @ F.T)) @ np.linalg.pinv(weight * (F @ F.T) + l2_b * np.eye(d), rcond=d * np.finfo(F.dtype).eps,
+                                                  hermitian=True)
 
 
 def update_W(x, w, F, weight, l2_b, l1_b, unit_columns=False):
@@ -79,10 +97,17 @@ def update_W(x, w, F, weight, l2_b, l1_b, unit_columns=False):
     return w
 
 
-def mu_step(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=None, unit_columns=False):
-    """One coupled step: F first, then every W_b with the new F (Gauss-Seidel). Returns (F, Ws)."""
-    F = update_F(X, F, Ws, weights, l2_F, l1_F, group_F, groups)
-    Ws = [update_W(x, w, F, wb, a2, a1, unit_columns) for x, w, wb, a2, a1 in zip(X, Ws, weights, l2, l1)]
+def _unit(w, unit_columns):
+    return w / np.maximum(np.linalg.norm(w, axis=0, keepdims=True), np.finfo(w.dtype).tiny) if unit_columns else w
+
+
+def mu_step(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=None, unit_columns=False, signed=()):
+    """One coupled step: F first, then every W_b with the new F (Gauss-Seidel). Returns (F, Ws).
+    ``signed``: (B,) bools, the blocks whose W_b is the unconstrained least-squares minimiser."""
+    signed = tuple(signed) or (False,) * len(X)
+    F = update_F(X, F, Ws, weights, l2_F, l1_F, group_F, groups, signed=any(signed))
+    Ws = [_unit(least_squares_W(x, F, wb, a2), unit_columns) if sb else update_W(x, w, F, wb, a2, a1, unit_columns)
+          for x, w, wb, a2, a1, sb in zip(X, Ws, weights, l2, l1, signed)]
     return F, Ws
 
 
@@ -145,11 +170,15 @@ def hals_update_W(x, w, F, weight, l2_b, l1_b, unit_columns=False, sweeps=SWEEPS
     return w
 
 
-def hals_step(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=None, unit_columns=False, sweeps=SWEEPS):
+def hals_step(X, F, Ws, weights, l2, l1, l2_F, l1_F, group_F=0.0, groups=None, unit_columns=False, sweeps=SWEEPS,
+              signed=()):
     """One coupled HALS step: ``sweeps`` sweeps over the rows of F, then as many over the columns of
-    every W_b with the new F. Returns (F, Ws)."""
+    every W_b with the new F (a ``signed`` block: its least-squares minimiser). Returns (F, Ws)."""
+    signed = tuple(signed) or (False,) * len(X)
     F = hals_update_F(X, F, Ws, weights, l2_F, l1_F, group_F, groups, sweeps)
-    Ws = [hals_update_W(x, w, F, wb, a2, a1, unit_columns, sweeps) for x, w, wb, a2, a1 in zip(X, Ws, weights, l2, l1)]
+    Ws = [_unit(least_squares_W(x, F, wb, a2), unit_columns) if sb
+          else hals_update_W(x, w, F, wb, a2, a1, unit_columns, sweeps)
+          for x, w, wb, a2, a1, sb in zip(X, Ws, weights, l2, l1, signed)]
     return F, Ws
 
 
@@ -221,8 +250,14 @@ def balance(F, Ws, l2, l1, l2_F, l1_F, group_F=0.0, groups=None):
     return F, Ws
 
 
-def init_nndsvd(X, weights, rank, fill_zeros):
-    """NNDSVD (Boutsidis & Gallopoulos 2008) of the stacked matrix [sqrt(w_b) X_b], by exact SVD."""
+def _scale(x, signed: bool) -> float:
+    """The mean entry of a block; for a signed block its root-mean-square entry."""
+    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2))) if signed else float(x.mean())
+
+
+def init_nndsvd(X, weights, rank, fill_zeros, signed=()):
+    """NNDSVD (Boutsidis & Gallopoulos 2008) of the stacked matrix [sqrt(w_b) X_b], by exact SVD; the zeros
+    of NNDSVDa are filled with sqrt(m / rank), m the stacked matrix's mean (``_scale`` for signed blocks)."""
     stacked = np.concatenate([np.sqrt(wb) * x.astype(np.float64) for x, wb in zip(X, weights)], axis=0)
     U, S, Vt = np.linalg.svd(stacked, full_matrices=False)
     W = np.zeros((stacked.shape[0], rank))
@@ -239,24 +274,29 @@ def init_nndsvd(X, weights, rank, fill_zeros):
             W[:, j] = np.sqrt(S[j] * sigma) * a / np.linalg.norm(a)
             H[j] = np.sqrt(S[j] * sigma) * b / np.linalg.norm(b)
     if fill_zeros:  # NNDSVDa, zeros filled at the scale of a random init
-        W[W == 0] = np.sqrt(stacked.mean() / rank)
-        H[H == 0] = np.sqrt(stacked.mean() / rank)
+        signed = tuple(signed) or (False,) * len(X)
+        mean = sum(np.sqrt(wb) * _scale(x, sb) * x.shape[0] for x, wb, sb in zip(X, weights, signed)) / stacked.shape[0]
+        W[W == 0] = np.sqrt(mean / rank)
+        H[H == 0] = np.sqrt(mean / rank)
     bounds = np.cumsum([x.shape[0] for x in X])[:-1]
     return H, [part / np.sqrt(wb) for part, wb in zip(np.split(W, bounds), weights)]
 
 
-def init_random(rng, X, rank):
-    """F ~ sqrt(mean(X)/d) |N(0,1)|, W_b ~ sqrt(mean(X_b)/d) |N(0,1)| (scikit-learn's rule, per block)."""
-    mean_all = sum(x.sum() for x in X) / sum(x.size for x in X)
+def init_random(rng, X, rank, signed=()):
+    """F ~ sqrt(mean(X)/d) |N(0,1)|, W_b ~ sqrt(mean(X_b)/d) |N(0,1)| (scikit-learn's rule, per block;
+    ``_scale`` for signed blocks)."""
+    signed = tuple(signed) or (False,) * len(X)
+    means = [_scale(x, sb) for x, sb in zip(X, signed)]
+    mean_all = sum(m * x.shape[0] for m, x in zip(means, X)) / sum(x.shape[0] for x in X)
     F = np.sqrt(mean_all / rank) * np.abs(rng.standard_normal((rank, X[0].shape[1])))
-    return F, [np.sqrt(x.mean() / rank) * np.abs(rng.standard_normal((x.shape[0], rank))) for x in X]
+    return F, [np.sqrt(m / rank) * np.abs(rng.standard_normal((x.shape[0], rank))) for m, x in zip(means, X)]
 
 
 def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, init: Any = "nndsvda",
         n_restarts: int = 1, l2_F: float = 0.0, l2: Any = 0.0, l1_F: float = 0.0, l1: Any = 0.0,
         unit_columns: bool = False, block_weights: Any = "none", group_F: float = 0.0, example_groups=None,
         dtype=np.float32, check_every: int = 10, progress: bool = False, solver: str = "mu",
-        penalty_units: str = "relative") -> NMFResult:
+        penalty_units: str = "relative", signed=None) -> NMFResult:
     """Same signature and result as ``jaxnmf.fit``; ``key`` may be an int seed or a jax key.
 
     ``solver``: "mu" (``mu_step``) or "hals" (``hals_step``).
@@ -267,7 +307,7 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     bl, _, st = P.check_fit(blocks, rank, max_iter=max_iter, tol=tol, init=init, n_restarts=n_restarts,
                             l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=unit_columns,
                             block_weights=block_weights, group_F=group_F, example_groups=example_groups,
-                            check_every=check_every, solver=solver, penalty_units=penalty_units)
+                            check_every=check_every, solver=solver, penalty_units=penalty_units, signed=signed)
     dtype = np.dtype(dtype)
     rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
         "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
@@ -275,23 +315,23 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     X = [np.asarray(x, dtype) for x in bl.arrays]
     raw = raw_penalties(X, st)
     reg = dict(raw, weights=st["weights"], groups=st["example_groups"])
-    unit_columns = st["unit_columns"]
+    unit_columns, signed = st["unit_columns"], st["signed"]
 
     runs = []
     for restart in range(n_restarts):
         if isinstance(init, tuple):
             F, Ws = init
         elif init == "random":
-            F, Ws = init_random(np.random.default_rng((_seed(key), restart)), X, rank)
+            F, Ws = init_random(np.random.default_rng((_seed(key), restart)), X, rank, signed)
         else:
-            F, Ws = init_nndsvd(X, st["weights"], rank, fill_zeros=init == "nndsvda")
+            F, Ws = init_nndsvd(X, st["weights"], rank, fill_zeros=init == "nndsvda", signed=signed)
         if not unit_columns:
             F, Ws = balance(F, Ws, raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], st["example_groups"])
         F, Ws = F.astype(dtype), [w.astype(dtype) for w in Ws]
         losses, converged = [], False
         last_check = objective_value(X, F, Ws, **reg)
         for it in range(1, max_iter + 1):
-            F, Ws = step(X, F, Ws, unit_columns=unit_columns, **reg)
+            F, Ws = step(X, F, Ws, unit_columns=unit_columns, signed=signed, **reg)
             losses.append(objective_value(X, F, Ws, **reg))
             if it % check_every == 0:
                 decrease = (last_check - losses[-1]) / last_check if last_check > 0 else 0.0
@@ -329,7 +369,7 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     F = np.full((st["rank"], X[0].shape[1]), float(np.mean(result.F)) or 1.0, st["dtype"])
     previous = F
     for it in range(1, max_iter + 1):
-        F = update_F(X, F, Ws, st["weights"], raw["l2_F"], raw["l1_F"], group_F, groups)
+        F = update_F(X, F, Ws, st["weights"], raw["l2_F"], raw["l1_F"], group_F, groups, signed=any(st.get("signed", ())))
         if it % 10 == 0:
             if tol > 0 and np.linalg.norm(F - previous) / max(np.linalg.norm(previous), np.finfo(F.dtype).tiny) < tol:
                 break
