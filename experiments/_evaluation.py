@@ -78,6 +78,9 @@ def evaluate(cfg, settings) -> Path:
                  " ".join(layer_names)),
         _coupled("pixels_only", "jaxnmf pixels only", {n: blocks[n] for n in pixel_names}, cfg,
                  " ".join(pixel_names)),
+        _coupled("coupled_signed_pixels", "jaxnmf coupled, centred pixels signed (semi-NMF)",
+                 {n: centred(b) if n in pixel_names else b for n, b in blocks.items()}, cfg,
+                 "mean-centred pixels (signed W) + " + " ".join(layer_names), signed=pixel_names),
     ]
     for name in layer_names:
         measured.append(_timed(f"nmf[{name}]", f"NMF on {name} alone (scikit-learn)", name,
@@ -192,9 +195,15 @@ def _timed(id_, label, input_, error_of, fn) -> Measured:
                     s.info)
 
 
-def _fit(blocks: dict, cfg, key, init: str) -> jaxnmf.NMFResult:
+def _fit(blocks: dict, cfg, key, init: str, signed=None) -> jaxnmf.NMFResult:
     return jaxnmf.fit(blocks, cfg.rank, key=key, max_iter=cfg.iterations, tol=cfg.tol, init=init, n_restarts=1,
-                      solver=cfg.solver, **cfg.fit_options(blocks))
+                      solver=cfg.solver, signed=signed, **cfg.fit_options(blocks))
+
+
+def centred(block: np.ndarray) -> np.ndarray:
+    """A block with each row's mean over the probe images subtracted (rows, N), for a signed fit."""
+    x = block.astype(np.float32)
+    return x - x.mean(axis=1, keepdims=True)
 
 
 def weighted_relative_error(result: jaxnmf.NMFResult, blocks: dict) -> float:
@@ -208,9 +217,9 @@ def weighted_relative_error(result: jaxnmf.NMFResult, blocks: dict) -> float:
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def _coupled(id_, label, blocks, cfg, input_) -> Measured:
+def _coupled(id_, label, blocks, cfg, input_, signed=None) -> Measured:
     t = time.perf_counter()
-    result = _fit(blocks, cfg, jax.random.key(cfg.seed), "nndsvda")
+    result = _fit(blocks, cfg, jax.random.key(cfg.seed), "nndsvda", signed)
     F = np.asarray(result.F, dtype=np.float64)
     seconds = time.perf_counter() - t
     info = dict(n_iter=result.n_iter, converged=bool(result.converged), n_active=result.n_active,

@@ -10,6 +10,7 @@ stage4, pool) and runs on the same images, with the same rank d:
 
 - jaxnmf coupled (pixels + layers, the pipeline's options, NNDSVDa start),
 - jaxnmf on the activation blocks only, and on the pixel blocks only,
+- jaxnmf coupled with the pixel blocks centred per pixel and signed (semi-NMF, ``fit(signed=...)``),
 - single-layer NMF (scikit-learn, as DFF and CRAFT do) on each analysed layer separately,
 - k-means (d clusters; score of an image for a cluster: minus its distance to the centroid),
 - PCA (d components; scores: the projections; a component's sign is arbitrary, so PCA alone is

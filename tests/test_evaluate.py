@@ -11,7 +11,7 @@ import jaxnmf
 from experiments import baselines, evaluate
 from offline_html import assert_offline
 
-METHODS = {"coupled", "activations_only", "pixels_only", "kmeans", "pca", "topk_sae",
+METHODS = {"coupled", "activations_only", "pixels_only", "coupled_signed_pixels", "kmeans", "pca", "topk_sae",
            *(f"nmf[{layer}]" for layer in ("stage1:avg", "stage2:avg", "stage3", "stage4", "pool"))}
 
 
