@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark suite at a tiny size (no timing assertions)."""
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import measure, run
@@ -40,3 +41,79 @@ def test_sharded_benchmark_reports_both_layouts(capsys):
     assert [r["devices"] for r in rows] == [1, 2]
     assert rows[1]["sharded"]["F_sharding"] == "P(None, 'examples')"  # F stays sharded over the examples
     assert "| 2 |" in capsys.readouterr().out
+
+
+def _tiny_stacked():
+    """The tiny case's blocks stacked by rows (float64), their row views and the shared start (float64)."""
+    from benchmarks import cases, peer
+    case = cases.CASES["tiny"]
+    stacked = peer.stacked_data(case).astype(np.float64)
+    blocks = peer.split_rows(stacked, case.rows)
+    F0, W0 = cases.init_factors(dict(enumerate(blocks)), 5)
+    return case, stacked, blocks, F0.astype(np.float64), [w.astype(np.float64) for w in W0]
+
+
+def test_peer_sklearn_objective_is_the_coupled_one():
+    """scikit-learn's own objective on X^T ~ (F^T)(W_stack^T) is jaxnmf's coupled J of the same factors."""
+    import jaxnmf
+    from benchmarks import peer
+    case, stacked, blocks, F0, W0 = _tiny_stacked()
+    start = [F0.copy()] + [w.copy() for w in W0]
+    F, W, n_iter, own = peer.sklearn_cd(stacked, F0, W0, tol=0, max_iter=5)()
+    Ws = peer.split_rows(W, case.rows)
+    assert n_iter == 5 and F.shape == F0.shape and not np.allclose(F, F0)
+    coupled = float(jaxnmf.objective(blocks, F, Ws))
+    assert coupled < float(jaxnmf.objective(blocks, F0, W0))
+    assert abs(own - coupled) <= 1e-6 * coupled
+    assert abs(peer.objective64(blocks, F, Ws) - coupled) <= 1e-6 * coupled
+    assert all(np.array_equal(a, b) for a, b in zip(start, [F0, *W0]))  # the start is not updated in place
+
+
+def test_peer_first_reaching_locates_the_first_iteration():
+    from benchmarks import peer
+    trace = [10.0, 8.0, 5.0, 5.0, 3.0]
+    assert peer.first_reaching(trace, 5.0) == 3  # J after iteration 3 is the first <= 5
+    assert peer.first_reaching(trace, 10.0) == 1
+    assert peer.first_reaching(trace, 4.0) == 5
+    assert peer.first_reaching(trace, 2.9) is None
+
+
+def test_peer_quick_tiny(tmp_path):
+    from benchmarks import peer
+    results = peer.main(["--cases", "tiny", "--quick", "--solvers", "hals", "--max-iter", "100", "--out", str(tmp_path)])
+    case = results["cases"]["tiny"]
+    sk, hals = case["sklearn"], case["jaxnmf"]["hals"]
+    assert sk["own_rel_diff"] < 1e-4 and 1 <= sk["n_iter"] <= 300
+    assert 1 <= hals["iterations"] <= 100
+    assert hals["reached"] == (hals["objective"] <= case["target"])
+    assert hals["ratio"] == pytest.approx(hals["seconds"] / sk["seconds"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["cases"]["tiny"]["jaxnmf"]["hals"]["iterations"] == hals["iterations"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| jaxnmf HALS to J_sk |" in table and ("PASS" in table or "MISS" in table)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_scaling_normalised_ratios_and_reasons():
+    from benchmarks import scaling
+    assert scaling.normalised([1.0, 2.0, 5.0], [1000, 2000, 4000]) == pytest.approx([1.0, 1.0, 1.25])
+    crossing = scaling.reasons(1000, 4000, {"the data": 1000}, {"L3": 2_000_000}, load=0.0)
+    assert len(crossing) == 1 and "L3" in crossing[0] and "N = 1000" in crossing[0]
+    assert "no cache level" in scaling.reasons(1000, 4000, {"the data": 1000}, {"L3": 500}, load=0.0)[0]
+    points = [dict(n=n, data_bytes=1000 * n, f_bytes=80 * n, load=0.0, seconds={"MU": t, "HALS": 1e-3 * n})
+              for n, t in [(1000, 1.0), (2000, 2.0), (4000, 5.1)]]
+    analysis = scaling.analyse(points, {"L3": 2_000_000})
+    assert [f["n"] for f in analysis["MU"]["flags"]] == [4000] and analysis["HALS"]["flags"] == []
+    assert analysis["MU"]["per_1000_columns"] == pytest.approx([1.0, 1.0, 1.275])
+
+
+def test_scaling_tiny(tmp_path):
+    from benchmarks import scaling
+    results = scaling.main(["--case", "tiny", "--n", "300", "600", "--repeats", "2", "--out", str(tmp_path)])
+    assert [p["n"] for p in results["points"]] == [300, 600]
+    for step in scaling.STEPS:
+        entry = results["analysis"][step]
+        assert entry["normalised"][0] == 1.0 and all(t > 0 for t in entry["seconds"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| 600 |" in table and "largest normalised ratio" in table
+    assert json.loads((tmp_path / "results.json").read_text())["points"][1]["data_bytes"] == 4 * 248 * 600
