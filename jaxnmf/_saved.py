@@ -99,7 +99,7 @@ def load_fit(path: str | os.PathLike) -> NMFResult:
             F=jnp.asarray(data["F"], dtype), loss=meta["loss"], factors=rebuild(factors), losses=data["losses"],
             relative_errors=rebuild(meta["relative_errors"]), n_iter=meta["n_iter"], converged=meta["converged"],
             finite=meta["finite"], restart_losses=data["restart_losses"], block_weights=rebuild(meta["block_weights"]),
-            active=data["active"], collapsed=meta["collapsed"], settings=_decode(meta["settings"], data))
+            active=data["active"], collapsed=meta["collapsed"], settings=_settings(_decode(meta["settings"], data)))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"path: {path} is not a consistent saved fit ({type(error).__name__}: {error})") from None
 
@@ -120,6 +120,12 @@ def _encode(value, name: str, stored: dict):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"result.settings[{name!r}]: cannot save a {type(value).__name__}")
+
+
+def _settings(settings: dict) -> dict:
+    """The decoded settings with the types ``fit`` gives them: ``signed`` a tuple of bools (JSON has lists;
+    a fit saved before signed blocks existed has none)."""
+    return dict(settings, signed=tuple(bool(v) for v in settings.get("signed", ())))
 
 
 def _decode(value, data: dict):
