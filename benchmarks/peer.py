@@ -44,7 +44,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 import warnings
 
@@ -52,6 +51,7 @@ import jax
 import numpy as np
 
 import jaxnmf
+from experiments._atomic import write_text_atomic
 
 from .cases import CASES, Case, init_factors, make_blocks
 from .report import Target
@@ -72,14 +72,11 @@ def log(message: str) -> None:
 
 
 def write_outputs(out_dir: pathlib.Path, results: dict, text: str) -> None:
-    """results.json and results.md in ``out_dir``, each written to a temporary file first and moved
-    into place (``os.replace``), so that a reader never sees a half-written file."""
+    """results.json and results.md in ``out_dir``, each atomically (``experiments._atomic``), so that a
+    reader never sees a half-written file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, content in (("results.json", json.dumps(results, indent=1)), ("results.md", text + "\n")):
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        os.replace(tmp, out_dir / name)
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(out_dir / "results.md", text + "\n")
 
 
 def stacked_data(case: Case) -> np.ndarray:
