@@ -29,9 +29,9 @@ from experiments.cli import (DATA, RUN, RunConfig, argument_group, config_from_a
 
 DEFAULTS = RunConfig(
     dataset="shapes", probe_dataset="shapes", train_restrict="shape=circle,square,triangle;colour=red,green,blue",
-    model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=6, pixels=False, rank=16,
+    model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=30, pixels=False, rank=16,
     iterations=400, group_F=0.05, l2=0.01, tcav=True, out="runs/cross_dataset")
-CIFAR = dict(dataset="cifar10", probe_dataset="cifar100", train_restrict=None, width=64, n_probe=10_000, epochs=30,
+CIFAR = dict(dataset="cifar10", probe_dataset="cifar100", train_restrict=None, width=64, n_probe=10_000, epochs=30, train_preset="fast",
              rank=30, out="runs/cross_dataset_cifar")
 SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=64, rank=6, iterations=30,
              tcav=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 from experiments.cli import (MODELS, NETWORK, RunConfig, argument_group, config_from_args, parser_for,
                              refuse_smoke_overrides, run_cli)
 
-DEFAULTS = RunConfig(dataset="cifar100", model="resnet18", width=64, n_probe=10_000, epochs=30, batch_size=128,
+DEFAULTS = RunConfig(dataset="cifar100", model="resnet18", width=64, n_probe=10_000, epochs=30, batch_size=128, train_preset="fast",
                      rank=20, iterations=500, variant="project", out="runs/paper")
 SMOKE = dict(width=4, n_probe=40, epochs=1, batch_size=16, rank=3, iterations=10, tcav=False)
 

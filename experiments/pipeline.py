@@ -16,6 +16,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,8 +59,8 @@ def check_config(cfg: RunConfig) -> None:
         _check_saved_network(cfg, fail)  # before the layers, which are read from --model
     if cfg.variant not in VARIANTS:
         fail("variant", f"unknown variant {cfg.variant!r}; choose {VARIANTS}")
-    if cfg.train_preset not in ("fast", "authors"):
-        fail("train_preset", f"choose 'fast' or 'authors', got {cfg.train_preset!r}")
+    if cfg.train_preset not in ("plateau", "fast", "authors"):
+        fail("train_preset", f"choose 'plateau', 'fast' or 'authors', got {cfg.train_preset!r}")
     if cfg.solver not in ("mu", "hals"):
         fail("solver", f"choose 'mu' or 'hals', got {cfg.solver!r}")
     if cfg.block_dtype not in ("float32", "bfloat16"):
@@ -169,20 +170,27 @@ def trained_model(cfg: RunConfig, train: data_lib.Dataset, test: data_lib.Datase
         print(f"loaded {cfg.model_path}: trained on {meta['dataset']}, test accuracy {meta['test_accuracy']:.3f}")
         return model, variables, meta
     model = models.build_model(cfg.model, num_classes=len(train.class_names), width=cfg.width)
-    preset = models.TrainConfig.authors() if cfg.train_preset == "authors" else models.TrainConfig()
+    preset = {"authors": models.TrainConfig.authors, "fast": models.TrainConfig,
+              "plateau": models.TrainConfig.until_plateau}[cfg.train_preset]()
     # short runs (the CPU quickstart) warm up for one epoch only (measured on shapes: 1.00 test
     # accuracy after 4 of 6 epochs, batch 64; 0.42 without warm-up at batch 128)
     tc = dataclasses.replace(preset, epochs=cfg.epochs, batch_size=cfg.batch_size,
                              warmup_epochs=preset.warmup_epochs if cfg.epochs >= 10 else min(1, cfg.epochs - 1))
-    print(f"training {cfg.model} (width {cfg.width}) on {len(train)} {cfg.dataset} images for {cfg.epochs} epochs")
+    until = "until its held-out accuracy stops improving, at most" if cfg.train_preset == "plateau" else "for"
+    print(f"training {cfg.model} (width {cfg.width}) on {len(train)} {cfg.dataset} images {until} {cfg.epochs} epochs")
     result = models.train(model, train.images, train.labels, test.images, test.labels, tc, seed=cfg.seed,
                           checkpoint_dir=out / "checkpoints")
+    if result.stopped == "max_epochs" and cfg.train_preset == "plateau":
+        warnings.warn(f"training reached --epochs {cfg.epochs} before its held-out accuracy stopped improving: the "
+                      "network may be undertrained; a larger --epochs lets it finish", RuntimeWarning, stacklevel=2)
     meta = dict(dataset=f"{cfg.dataset} train split ({len(train)} images)", test_accuracy=float(result.test_accuracy),
                 seed=cfg.seed, train_config=dataclasses.asdict(tc), input_shape=list(train.images.shape[1:]),
-                class_names=list(train.class_names))  # experiments.explain reads these
+                class_names=list(train.class_names),  # experiments.explain reads these
+                epochs_trained=len(result.history), stopped=result.stopped,
+                validation_accuracy=result.history[-1].get("validation_accuracy") if result.history else None)
     models.save_model(out / "model", cfg.model, dict(num_classes=len(train.class_names), width=cfg.width),
                       result.variables, meta)
-    print(f"test accuracy {result.test_accuracy:.3f}")
+    print(f"test accuracy {result.test_accuracy:.3f} after {len(result.history)} epochs (stopped: {result.stopped})")
     return model, result.variables, meta
 
 
@@ -280,8 +288,13 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and k != "overwrite"}
     config.update(options, layers=list(layers), trained_on=meta.get("dataset"),
                   model_test_accuracy=meta.get("test_accuracy"))
+    trained = ""
+    if meta.get("epochs_trained") is not None:
+        why = {"plateau": "its held-out accuracy had stopped improving", "max_epochs": "the epoch limit",
+               "epochs": "the epoch limit"}.get(meta.get("stopped"), meta.get("stopped"))
+        trained = f"; {meta['epochs_trained']} epochs, stopped by {why}"
     notes = [*extra_notes, f"Network test accuracy: {meta.get('test_accuracy', float('nan')):.3f} "
-                           f"(trained on {meta.get('dataset')})."]
+                           f"(trained on {meta.get('dataset')}{trained})."]
     notes.append(f"Probe images: {len(idx)} from the {probe.name} {probe.split} split; the network agrees with "
                  f"their labels on {np.mean(predicted == probe.labels[idx]):.3f} of them." if same_labels else
                  f"Probe images: {len(idx)} from {probe.name} ({probe.split}), not the network's training "

@@ -26,7 +26,7 @@ from experiments.cli import VARIANTS, RunConfig, config_from_args, parser_for, r
 
 EMPHASIS = ("stage1:avg=8", "stage2:avg=8", "pool=4", "pixels=2")
 DEFAULTS = RunConfig(
-    dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=6,
+    dataset="shapes", model="resnet18", width=8, n_train=5000, n_test=1800, n_probe=1000, epochs=30,
     layers=("stage1:avg", "stage2:avg", "stage3", "stage4", "pool"), rank=24, iterations=300,
     block_emphasis=EMPHASIS, tcav=True, out="runs/quickstart")
 SMOKE = dict(width=4, n_train=256, n_test=128, n_probe=96, epochs=1, batch_size=64, rank=4, iterations=20,

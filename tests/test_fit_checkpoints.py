@@ -51,7 +51,7 @@ def run(data, checkpoint, kill_after, solver):
     assert done.returncode == (-signal.SIGKILL if kill_after else 0), done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("solver", ["mu", "hals"])
+@pytest.mark.parametrize("solver", [pytest.param("mu", marks=pytest.mark.heavy), "hals"])  # 30-40 s each
 def test_sigkill_after_a_random_checkpoint_then_resume_gives_the_uninterrupted_factors(tmp_path, solver):
     data = tmp_path / "blocks.npz"
     np.savez(data, **blocks())

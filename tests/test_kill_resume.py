@@ -70,10 +70,13 @@ def uninterrupted(tmp_path_factory):
     return numbers(out)
 
 
+@pytest.mark.heavy  # about 4 minutes of one worker (six quickstart processes); the fit-level SIGKILL resume
+#                     (test_fit_checkpoints.py) and the rerun of an interrupted run (test_run_folders.py) stay in the default run
 def test_sigkill_in_training_fit_and_report_then_rerun_completes_with_the_same_numbers(tmp_path, uninterrupted):
     out = tmp_path / "run"
     kills = [
-        ("models.train", "_accuracy", 2, "training, epoch 2 (epoch 1 is checkpointed)"),
+        # _accuracy runs twice per epoch (test, then held-out validation images): call 3 is in epoch 2
+        ("models.train", "_accuracy", 3, "training, epoch 2 (epoch 1 is checkpointed)"),
         ("jaxnmf", "fit", 1, "the factorisation (the network is saved)"),
         ("experiments.report", "savez_atomic", 1, "the report (summary.json is written, factors.npz not)"),
     ]

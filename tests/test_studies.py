@@ -83,3 +83,18 @@ def test_cross_dataset_refuses_a_collapsed_fit_before_any_report(tmp_path, capsy
     assert not (tmp_path / "report.html").exists() and not (tmp_path / "summary.json").exists()
 
 
+
+
+def test_training_study_smoke_records_and_resumes(tmp_path, capsys):
+    from experiments import training_study
+    args = ["--datasets", "shapes", "--seeds", "0", "--presets", "plateau", "--n-train", "128", "--n-test", "64",
+            "--max-epochs", "2", "--width", "4", "--out", str(tmp_path)]
+    training_study.main(args)
+    (record,) = json.loads((tmp_path / "training.json").read_text())
+    assert (record["preset"], record["learning_rate"], record["config"]["schedule"]) == ("plateau", 0.02, "plateau")
+    assert len(record["history"]) == record["epochs"] <= 2 and "validation_accuracy" in record["history"][0]
+    table = (tmp_path / "training.md").read_text()
+    assert f"| shapes | plateau | 4 | 0.02 | {record['test_accuracy']:.3f} |" in table
+    capsys.readouterr()
+    training_study.main(args)  # every run is recorded: nothing trains again
+    assert "test accuracy" not in capsys.readouterr().out

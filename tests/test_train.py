@@ -90,6 +90,98 @@ def test_resumed_run_equals_uninterrupted_run(model, data, result, tmp_path, mon
         run(seed=1)
 
 
+PLATEAU = models.TrainConfig.until_plateau(
+    12, batch_size=16, learning_rate=0.05, crop_padding=1, patience=2, max_decays=1, validation_fraction=0.25
+)
+
+
+@pytest.mark.parametrize(
+    "accuracies, expected",
+    [
+        # warm-up epoch 1 is not judged; 0.6 twice without a rise over the best is a plateau
+        ([0.3, 0.5, 0.6, 0.6, 0.6], (1, False)),
+        ([0.3, 0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7], (1, True)),
+        # a rise of min_delta (0.002) or less is no improvement
+        ([0.3, 0.5, 0.501, 0.502, 0.6], (1, False)),
+        # an accuracy of 1 cannot improve: each such epoch is a plateau of its own
+        ([0.3, 1.0], (1, False)),
+        ([0.3, 1.0, 1.0], (1, True)),
+        ([0.3, 0.4, 0.5, 0.6, 0.7, 0.8], (0, False)),
+    ],
+)
+def test_plateau_rule(accuracies, expected):
+    assert tuple(train_module.plateau_state(accuracies, PLATEAU)) == expected
+
+
+def test_plateau_rule_against_a_direct_simulation():
+    """Random accuracy sequences: the rule equals a plain re-statement of it (patience 3, two decays)."""
+    config = models.TrainConfig.until_plateau(40, warmup_epochs=2)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        acc = list(np.round(np.minimum(1, np.cumsum(rng.uniform(-0.02, 0.03, rng.integers(1, 40))) + 0.5), 3))
+        decays, best, since = 0, max(acc[:2]), 0
+        expected = None
+        for a in acc[2:]:
+            since = 0 if a > best + 0.002 else since + 1
+            best = max(best, a)
+            since = 3 if a >= 1 else since
+            if since == 3:
+                if decays == 2:
+                    expected = (2, True)
+                    break
+                decays, since = decays + 1, 0
+        assert tuple(train_module.plateau_state(acc, config)) == (expected or (decays, False))
+
+
+@pytest.fixture(scope="module")
+def plateau_result(model, data):
+    return models.train(model, *data, PLATEAU, seed=0, progress=False)
+
+
+def test_plateau_training_stops_on_the_held_out_accuracy(plateau_result):
+    history = plateau_result.history
+    # colour_data is easy: validation accuracy reaches 1, the rate decays once, the next plateau ends the run
+    assert plateau_result.stopped == "plateau" and len(history) < PLATEAU.epochs
+    validation = [h["validation_accuracy"] for h in history]
+    assert train_module.plateau_state(validation, PLATEAU).done
+    assert not train_module.plateau_state(validation[:-1], PLATEAU).done
+    rates = [h["learning_rate"] for h in history]
+    # the last of 4 warm-up steps (72 images trained on, batch 16), then the full rate
+    assert rates[0] == pytest.approx(0.05 * 3 / 4) and rates[1] == pytest.approx(0.05)
+    decayed = train_module.plateau_state(validation[:-1], PLATEAU).decays
+    assert rates[-1] == pytest.approx(0.05 * 0.2 ** decayed) and decayed == 1
+    assert plateau_result.test_accuracy > 0.9
+
+
+def test_plateau_holds_out_images_it_never_trains_on(model, data, monkeypatch):
+    seen = []
+    step = train_module._train_step
+    monkeypatch.setattr(train_module, "_train_step",
+                        lambda state, images, *a, **k: seen.append(images.shape[0]) or step(state, images, *a, **k))
+    models.train(model, *data, dataclasses.replace(PLATEAU, epochs=2), seed=0, progress=False)
+    assert set(seen) == {72}
+
+
+def test_resumed_plateau_run_equals_uninterrupted_run(model, data, plateau_result, tmp_path):
+    run = functools.partial(models.train, model, *data, PLATEAU, seed=0, checkpoint_dir=tmp_path, progress=False)
+    first = run(epochs=2)
+    assert first.stopped == "epochs" and len(first.history) == 2
+    resumed = run()
+    assert resumed.history == plateau_result.history and resumed.stopped == "plateau"
+    assert_trees_equal(resumed.variables, plateau_result.variables)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(patience=0), "patience must be at least 1"),
+    (dict(validation_fraction=1.0), "validation_fraction must lie in \\(0, 1\\)"),
+    (dict(lr_decay_factor=1.5), "lr_decay_factor must lie in \\(0, 1\\)"),
+    (dict(max_decays=-1), "max_decays and min_delta"),
+])
+def test_bad_plateau_configs(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(PLATEAU, **change)
+
+
 def test_save_and_load_model(model, data, result, tmp_path):
     metadata = {
         "dataset": "colour_data",
