@@ -117,3 +117,21 @@ def test_scaling_tiny(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| 600 |" in table and "largest normalised ratio" in table
     assert json.loads((tmp_path / "results.json").read_text())["points"][1]["data_bytes"] == 4 * 248 * 600
+
+
+def test_out_of_core_tiny(tmp_path, monkeypatch):
+    from benchmarks import out_of_core
+    # the peak-memory child in this process (a fresh interpreter would take longer than the rest)
+    monkeypatch.setattr(out_of_core, "measure_memory", lambda folder, rank, iters: out_of_core._memory_child(
+        str(folder), rank, iters))
+    results = out_of_core.main(["--size-gb", "0.002", "--n", "200", "--rank", "3", "--iters", "2", "--repeats", "1",
+                                "--dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert results["sequential"]["drop_possible"] in (True, False) and results["data_bytes"] > 0
+    assert len(results["streamed"]["cold"]["pass_seconds"]) == 3  # the initial pass and one per iteration
+    assert results["streamed"]["cold"]["n_iter"] == 2
+    assert results["streamed"]["cold"]["loss"] == pytest.approx(results["in_memory"]["loss"], rel=1e-5)
+    assert results["memory"]["peak_bytes"] > 0
+    assert not list(tmp_path.glob("jaxnmf-out-of-core-*"))  # the data is removed
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "sequential read, cold" in table and ("PASS" in table or "MISS" in table)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rank"] == 3
