@@ -80,7 +80,7 @@ class RunConfig:
     epochs: int = option(30, NETWORK, "training epochs; with --train-preset plateau the most it may take "
                                       "(unused with --model-path)")
     train_preset: str = option(
-        "plateau", NETWORK, "training recipe: plateau (until the accuracy on 10% of the train images, held out, "
+        "plateau", NETWORK, "training recipe: plateau (until the loss on 10% of the train images, held out, "
         "stops improving: the learning rate decays twice on plateaus, the third plateau ends it), fast (a cosine "
         "schedule over exactly --epochs) or authors (the paper's SGD with step decay, docs/method.md); --epochs "
         "and --batch-size apply to all three", choices=("plateau", "fast", "authors"))

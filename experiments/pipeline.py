@@ -176,13 +176,15 @@ def trained_model(cfg: RunConfig, train: data_lib.Dataset, test: data_lib.Datase
     # accuracy after 4 of 6 epochs, batch 64; 0.42 without warm-up at batch 128)
     tc = dataclasses.replace(preset, epochs=cfg.epochs, batch_size=cfg.batch_size,
                              warmup_epochs=preset.warmup_epochs if cfg.epochs >= 10 else min(1, cfg.epochs - 1))
-    until = "until its held-out accuracy stops improving, at most" if cfg.train_preset == "plateau" else "for"
+    until = "until its held-out loss stops improving, at most" if cfg.train_preset == "plateau" else "for"
     print(f"training {cfg.model} (width {cfg.width}) on {len(train)} {cfg.dataset} images {until} {cfg.epochs} epochs")
     result = models.train(model, train.images, train.labels, test.images, test.labels, tc, seed=cfg.seed,
                           checkpoint_dir=out / "checkpoints")
     if result.stopped == "max_epochs" and cfg.train_preset == "plateau":
-        warnings.warn(f"training reached --epochs {cfg.epochs} before its held-out accuracy stopped improving: the "
-                      "network may be undertrained; a larger --epochs lets it finish", RuntimeWarning, stacklevel=2)
+        last = result.history[-1]
+        warnings.warn(f"training reached --epochs {cfg.epochs} while the loss on its held-out images was still falling "
+                      f"(held-out accuracy {last['validation_accuracy']:.3f}): more epochs may improve the network; a "
+                      "larger --epochs lets it finish", RuntimeWarning, stacklevel=2)
     meta = dict(dataset=f"{cfg.dataset} train split ({len(train)} images)", test_accuracy=float(result.test_accuracy),
                 seed=cfg.seed, train_config=dataclasses.asdict(tc), input_shape=list(train.images.shape[1:]),
                 class_names=list(train.class_names),  # experiments.explain reads these
@@ -290,7 +292,7 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
                   model_test_accuracy=meta.get("test_accuracy"))
     trained = ""
     if meta.get("epochs_trained") is not None:
-        why = {"plateau": "its held-out accuracy had stopped improving", "max_epochs": "the epoch limit",
+        why = {"plateau": "a plateau of its held-out loss", "max_epochs": "the epoch limit",
                "epochs": "the epoch limit"}.get(meta.get("stopped"), meta.get("stopped"))
         trained = f"; {meta['epochs_trained']} epochs, stopped by {why}"
     notes = [*extra_notes, f"Network test accuracy: {meta.get('test_accuracy', float('nan')):.3f} "

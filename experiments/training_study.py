@@ -6,7 +6,7 @@
 Trains the pipeline's network (ResNet-18 at ``--width``) with each preset, on each dataset, from
 each seed: the seed draws the shapes images (a new data set per seed) or the digits' train/test
 split, and the network's initialisation and batches. ``fast`` is a cosine schedule over exactly
-``--fast-epochs``; ``plateau`` trains until the accuracy on 10% of the train images, held out,
+``--fast-epochs``; ``plateau`` trains until the loss on 10% of the train images, held out,
 stops improving, at most ``--max-epochs`` (``models.TrainConfig.until_plateau``). Writes one JSON
 record per run to ``training.json`` and a markdown table (``training.md``): test accuracy,
 epochs trained, why it stopped, seconds.

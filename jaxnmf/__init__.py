@@ -11,6 +11,7 @@ factorised jointly as X_b ~ W_b F with one shared example factor F (d x N).
     ((5, 100), (32, 5))
 """
 from ._fit import NMFResult, aligned_empty, fit, objective, transform
+from ._settings import FitSettings
 from ._stream import fit_streamed
 from ._path import PathPoint, group_sparsity_path
 from ._saved import load_fit, save_fit
@@ -26,7 +27,7 @@ from .analysis import (attribute_auc, class_weights, factor_table, latent_images
                        neuron_similarity, similarity_eigenvalues)
 
 __all__ = [
-    "fit", "fit_streamed", "transform", "objective", "NMFResult", "save_fit", "load_fit", "aligned_empty", "group_sparsity_path", "PathPoint", "mu_step", "hals_step", "MUState", "Params",
+    "fit", "fit_streamed", "transform", "objective", "NMFResult", "FitSettings", "save_fit", "load_fit", "aligned_empty", "group_sparsity_path", "PathPoint", "mu_step", "hals_step", "MUState", "Params",
     "make_params",
     "analysis", "heatmaps", "reference",
     "concept_heatmap", "concept_heatmaps", "upsample_heatmap", "overlay_heatmap",

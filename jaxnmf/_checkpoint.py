@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,33 @@ FORMAT, VERSION = "jaxnmf.fit-checkpoint", 1
 
 
 def fingerprint(**parts: Any) -> str:
-    """A SHA-256 of ``parts`` (arrays by dtype, shape and bytes; the rest through ``repr``)."""
+    """A SHA-256 of ``parts``, by name: arrays by dtype, shape and bytes; mappings (e.g. a
+    ``FitSettings``) by their keys and values in order, lists and tuples by their items, both
+    recursively and delimited; the rest through ``repr``."""
     digest = hashlib.sha256()
     for name in sorted(parts):
         digest.update(name.encode())
-        for value in (parts[name] if isinstance(parts[name], (list, tuple)) else [parts[name]]):
-            if isinstance(value, (np.ndarray, jax.Array)):
-                a = np.asarray(value)
-                digest.update(f"{a.dtype}{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
-            else:
-                digest.update(repr(value).encode())
+        _digest(digest, parts[name])
     return digest.hexdigest()
+
+
+def _digest(digest, value: Any) -> None:
+    if isinstance(value, (np.ndarray, jax.Array)):
+        a = np.asarray(value)
+        digest.update(f"{a.dtype}{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(b"{")
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            _digest(digest, item)
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _digest(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(repr(value).encode())
 
 
 def write_npz_atomic(path: Path, arrays: dict) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -9,6 +10,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -25,6 +27,7 @@ from ._init import balance, init_nndsvd, init_random
 from ._loop import _initial_carry_restarts, _run_restarts, _run_transform, objective_restarts
 from ._mu import MUState, make_params, mu_step, relative_errors
 from ._mu import objective as _objective
+from ._settings import FitSettings, RawPenalties
 from ._tiles import NarrowBlock, pack_narrow
 
 _CHUNK = 50  # iterations per compiled scan; convergence and progress are checked between chunks
@@ -54,7 +57,7 @@ class NMFResult:
         (``fit`` then warns and sets ``converged`` False; nothing should be read from F).
       restart_losses: (n_restarts,) final objective of every restart; the best is returned.
       block_weights: w_b used, same container.
-      settings: the resolved options (used by ``transform``).
+      settings: the resolved options (``FitSettings``; used by ``transform``).
     """
 
     F: jax.Array
@@ -69,7 +72,7 @@ class NMFResult:
     block_weights: Any
     active: np.ndarray
     collapsed: bool
-    settings: dict = field(repr=False)
+    settings: FitSettings = field(repr=False)
 
     @property
     def n_active(self) -> int:
@@ -77,12 +80,14 @@ class NMFResult:
         return int(np.sum(self.active))
 
 
-def raw_penalties(st: dict, sq_norms: np.ndarray, rows, n: int) -> dict:
+def raw_penalties(st: Mapping, sq_norms: np.ndarray, rows, n: int) -> RawPenalties:
     """The penalties of J in raw units (Eq. 3.1) from the user's, in ``st["penalty_units"]``.
 
-    st: the settings of ``_problem.check_fit``; sq_norms: (B,) ||X_b||_F^2; rows: (B,) M_b;
-    n: N. Returns l2 (B,), l1 (B,), l2_F, l1_F (floats) and group_F (n_groups,), the weight of
-    each example group's norm. "raw": the values as given (one weight for every group).
+    st: the settings of ``_problem.check_fit`` (or any mapping of weights, l2, l1, l2_F, l1_F,
+    group_F, example_groups, n_groups, penalty_units); sq_norms: (B,) ||X_b||_F^2; rows: (B,) M_b;
+    n: N. Returns the ``RawPenalties``: l2 (B,), l1 (B,), l2_F, l1_F (floats) and group_F
+    (n_groups,), the weight of each example group's norm.
+    "raw": the values as given (one weight for every group).
     "relative", with S = sum_b w_b ||X_b||^2, S_b = w_b ||X_b||^2, |g| the size of group g:
         l2_F = l2_F' S / N,  l1_F = l1_F' S / N,  group_F_g = group_F' S sqrt(|g|) / N,
         l2_b = l2_b' w_b N,  l1_b = l1_b' w_b ||X_b|| sqrt(N / M_b)
@@ -91,12 +96,12 @@ def raw_penalties(st: dict, sq_norms: np.ndarray, rows, n: int) -> dict:
     w, l2, l1 = (np.asarray(st[k], np.float64) for k in ("weights", "l2", "l1"))
     groups, n_groups = st["example_groups"], st["n_groups"]
     if st["penalty_units"] == "raw":
-        return dict(l2=l2, l1=l1, l2_F=st["l2_F"], l1_F=st["l1_F"], group_F=np.full(n_groups, st["group_F"]))
+        return RawPenalties(l2=l2, l1=l1, l2_F=st["l2_F"], l1_F=st["l1_F"], group_F=np.full(n_groups, st["group_F"]))
     sq_norms, rows = np.asarray(sq_norms, np.float64), np.asarray(rows, np.float64)
     total = float(np.sum(w * sq_norms)) or 1.0
     sizes = np.full(1, float(n)) if groups is None else np.bincount(groups, minlength=n_groups).astype(np.float64)
-    return dict(l2=l2 * w * n, l1=l1 * w * np.sqrt(sq_norms * n / rows), l2_F=st["l2_F"] * total / n,
-                l1_F=st["l1_F"] * total / n, group_F=st["group_F"] * total * np.sqrt(sizes) / n)
+    return RawPenalties(l2=l2 * w * n, l1=l1 * w * np.sqrt(sq_norms * n / rows), l2_F=st["l2_F"] * total / n,
+                        l1_F=st["l1_F"] * total / n, group_F=st["group_F"] * total * np.sqrt(sizes) / n)
 
 
 def active_factors(F, factors, weights, sq_norms) -> np.ndarray:
@@ -108,8 +113,9 @@ def active_factors(F, factors, weights, sq_norms) -> np.ndarray:
     return energy > ACTIVE_TOL * total if total > 0 else np.zeros(f2.shape, bool)
 
 
-def collapse_message(st: dict) -> str:
-    """The warning of a collapsed fit, naming the penalties that caused it."""
+def collapse_message(st: Mapping) -> str:
+    """The warning of a collapsed fit, naming the penalties that caused it (``st``: the ``FitSettings``,
+    or any mapping of group_F, l2, l1, l2_F, l1_F and penalty_units)."""
     given = [f"{k}={np.asarray(st[k]).tolist()}" for k in ("group_F", "l2", "l1", "l2_F", "l1_F")
              if np.any(np.asarray(st[k]) > 0)]
     if not given:
@@ -163,11 +169,13 @@ class _Scaling:
         """The blocks the steps read: the prescaled ones divided by s_b (a copy), the others as they are."""
         return tuple(_divide(x, float(s)) if pre else x for x, s, pre in zip(arrays, self.s, self.prescaled))
 
-    def params(self, weights, l2, l1, l2_F, l1_F, group_F, dtype):
+    def params(self, weights, raw: RawPenalties, group_F, dtype):
+        """The steps' ``Params`` of weights (B,) and the raw penalties, with group weights ``group_F``
+        (n_groups,) (``raw.group_F`` in ``fit``; ``transform``'s for the new examples)."""
         s, c = self.s, self.c
         scaled = np.where(self.floored, float(jnp.finfo(dtype).eps) ** 2, weights * s * s / c)
-        return make_params(len(s), weights=scaled, l2=l2 * s * s / c, l1=l1 * s / c,
-                           l2_F=l2_F / c, l1_F=l1_F / c, group_F=group_F / c,
+        return make_params(len(s), weights=scaled, l2=raw.l2 * s * s / c, l1=raw.l1 * s / c,
+                           l2_F=raw.l2_F / c, l1_F=raw.l1_F / c, group_F=group_F / c,
                            data_scale=self.data_scale, column_norm=1.0 / s, dtype=dtype)
 
 
@@ -315,7 +323,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     - ``"raw"``: the values as given, one weight for every group (J exactly as above with
       group_F_g = group_F; the authors' variant ``l2_F=1, l1_F=1, unit_columns=True`` is raw).
 
-    ``result.settings["raw_penalties"]`` holds the raw values used (l2, l1 per block, l2_F, l1_F,
+    ``result.settings.raw_penalties`` holds the raw values used (l2, l1 per block, l2_F, l1_F,
     group_F per group). Before iterating, each component k of the initialisation is rescaled,
     F_k -> c_k F_k, W_b[:, k] -> W_b[:, k] / c_k, with c_k minimising the penalties (``W b F`` and
     the fit term unchanged; ``_init.balance``), except with ``unit_columns``.
@@ -371,12 +379,12 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
         under MU (``jaxnmf._mu``; HALS's F update is exact as it is). l1 must be 0 on a signed block.
 
     Returns:
-      ``NMFResult``. When no factor is active (``result.collapsed``) a ``RuntimeWarning`` is
-      issued and ``converged`` is False.
+      ``NMFResult``, its ``settings`` a ``FitSettings``. When no factor is active
+      (``result.collapsed``) a ``RuntimeWarning`` is issued and ``converged`` is False.
 
     Interrupting: a Ctrl-C (SIGINT) while ``fit`` iterates (called from the main thread) stops it at
     the end of the running chunk of about 50 iterations; ``fit`` then returns the state reached with
-    ``converged=False``, ``settings["interrupted_at"]`` the iteration, and a ``RuntimeWarning``. A
+    ``converged=False``, ``settings.interrupted_at`` the iteration, and a ``RuntimeWarning``. A
     second Ctrl-C raises ``KeyboardInterrupt`` as usual.
 
     Corner cases: with ``solver="mu"`` an explicit ``init`` whose F0 (or every W0_b) is all zero is
@@ -407,18 +415,18 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
                                 block_weights=block_weights, group_F=group_F, example_groups=example_groups,
                                 check_every=check_every, solver=solver, penalty_units=penalty_units,
                                 signed=signed, convert=lambda x: _to_device(x, block_dtype))
-    rank, max_iter, n_restarts, check_every, tol, init = (st[k] for k in (
-        "rank", "max_iter", "n_restarts", "check_every", "tol", "init"))
-    weights, groups, n_groups, n = st["weights"], st["example_groups"], st["n_groups"], bl.arrays[0].shape[1]
-    arrays = bl.arrays
-    raw = raw_penalties(st, stats.sq_norm, [x.shape[0] for x in arrays], n)
-    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype, block_dtype=block_dtype,
-                    one_pass=bool(one_pass), raw_penalties=raw)
+    init = st["init"]  # a name, or the explicit (F0, [W0_b])
+    n, rows = bl.arrays[0].shape[1], [x.shape[0] for x in bl.arrays]
+    settings = FitSettings.resolved(st, dtype=dtype, block_dtype=block_dtype, one_pass=bool(one_pass),
+                                    raw_penalties=raw_penalties(st, stats.sq_norm, rows, n))
+    rank, max_iter, n_restarts, check_every, tol = (settings.rank, settings.max_iter, settings.n_restarts,
+                                                    settings.check_every, settings.tol)
+    weights, groups, n_groups = settings.weights, settings.example_groups, settings.n_groups
+    raw = settings.raw_penalties
 
-    rows = [x.shape[0] for x in arrays]
     scaling = _Scaling.of(stats, weights, dtype, rows, n)
-    arrays = scaling.blocks(arrays)
-    params = scaling.params(weights, raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], dtype)
+    arrays = scaling.blocks(bl.arrays)
+    params = scaling.params(weights, raw, raw.group_F, dtype)
     sq_norms = jnp.asarray(stats.sq_norm / scaling.s ** 2, dtype)
     means = stats.mean / scaling.s
     if scaling.floored.any():
@@ -439,10 +447,10 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
                             fill_zeros=init == "nndsvda", dtype=dtype)
         states = jax.tree.map(lambda a: a[None], state)
     groups_j = None if groups is None else jnp.asarray(groups)
-    if not st["unit_columns"]:
+    if not settings.unit_columns:
         states = balance(states, params, groups_j, n_groups)
 
-    step_fn = OnePassStep(st["solver"]) if one_pass else _STEPS[st["solver"]]
+    step_fn = OnePassStep(settings.solver) if one_pass else _STEPS[settings.solver]
     if one_pass:
         states = _with_statistics_restarts(arrays, states, params)
     carry = _initial_carry_restarts(arrays, states, params, groups_j, n_groups=n_groups, exact=tol > 0)
@@ -453,10 +461,7 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
     if checkpoint is not None:
         fingerprint = _checkpoint.fingerprint(
             shapes=[(x.shape, str(x.dtype)) for x in arrays], max=stats.max, sq_norm=stats.sq_norm, mean=stats.mean,
-            settings=[(k, v) for k, v in sorted(settings.items()) if not isinstance(v, (dict, np.ndarray))],
-            arrays=[v for _, v in sorted(settings.items()) if isinstance(v, np.ndarray)],
-            raw=[np.asarray(raw[k]) for k in sorted(raw)], key=jax.random.key_data(key), layout=(length, n_restarts),
-            init=list(init) if isinstance(init, tuple) else init)
+            settings=settings, key=jax.random.key_data(key), layout=(length, n_restarts), init=init)
         resumed = _checkpoint.load(checkpoint, fingerprint, carry)
         if resumed is not None:
             first, carry, trace = resumed
@@ -469,8 +474,8 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
                 break
             carry, losses = _run_restarts(arrays, carry, params, sq_norms, jnp.asarray(tol, dtype), max_iter,
                                           start, groups_j, length=length, check_every=check_every,
-                                          unit_columns=st["unit_columns"], n_groups=n_groups,
-                                          step_fn=step_fn, exact_checks=tol > 0, signed=st["signed"])
+                                          unit_columns=settings.unit_columns, n_groups=n_groups,
+                                          step_fn=step_fn, exact_checks=tol > 0, signed=settings.signed)
             traces.append(np.asarray(losses, np.float64))
             bar.update(min(length, max_iter - start))
             bar.set_postfix(loss=float(np.min(np.asarray(carry.loss, np.float64)) * scaling.c))
@@ -493,12 +498,12 @@ def fit(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol: float = 
                             np.asarray(sq_norms, np.float64))
     collapsed = not active.any()
     if interrupted:
-        settings["interrupted_at"] = n_iter
+        settings = dataclasses.replace(settings, interrupted_at=n_iter)
         warnings.warn(f"fit interrupted (KeyboardInterrupt) at iteration {n_iter} of {max_iter}: the result is the "
-                      "state reached then, with converged=False (settings['interrupted_at'] = the iteration). Press "
+                      "state reached then, with converged=False (settings.interrupted_at = the iteration). Press "
                       "Ctrl-C twice to abort instead.", RuntimeWarning, stacklevel=2)
     if collapsed:
-        warnings.warn(collapse_message(st), RuntimeWarning, stacklevel=2)
+        warnings.warn(collapse_message(settings), RuntimeWarning, stacklevel=2)
     if not bool(carry.finite[best]):
         warnings.warn(f"iteration {n_iter + 1} gave a non-finite objective (an overflow or NaN in the updates); the "
                       f"fit stopped there and returns iterate {n_iter}, the last finite one, with finite=False and "
@@ -523,7 +528,7 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     ``example_groups``: (N_new,) group of each new example, required when the fit had example
     groups and a group penalty (e.g. the network's predicted class); otherwise ignored.
 
-    l2_F and l1_F are the fit's raw values (``result.settings["raw_penalties"]``), per entry of F.
+    l2_F and l1_F are the fit's raw values (``result.settings.raw_penalties``), per entry of F.
     The group penalty keeps the fit's shrinkage per entry: in relative units each group's weight is
     group_F' S sqrt(|g_new|) / N (S and N of the fit, |g_new| the group's size among the new
     examples), so a batch drawn like the fit's examples is shrunk like them whatever its size, and
@@ -543,45 +548,43 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     st = result.settings
     n_new = bl.arrays[0].shape[1]
     groups, n_groups, group_F = _transform_groups(st, int(result.F.shape[1]), example_groups, n_new)
-    dtype = st["dtype"]
+    dtype = st.dtype
     bl = bl.map(lambda x: _to_device(x, dtype))
-    signed = tuple(bool(v) for v in st.get("signed", ()))
-    stats = P.block_stats(bl, signed)
-    scaling = _Scaling.of(stats, st["weights"], dtype, [x.shape[0] for x in bl.arrays], n_new)
-    raw = st["raw_penalties"]
-    params = scaling.params(st["weights"], raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], group_F, dtype)
+    stats = P.block_stats(bl, st.signed)
+    scaling = _Scaling.of(stats, st.weights, dtype, [x.shape[0] for x in bl.arrays], n_new)
+    params = scaling.params(st.weights, st.raw_penalties, group_F, dtype)
     arrays = scaling.blocks(bl.arrays)
     factors = tuple(jnp.asarray(w / s, dtype) for w, s in zip(fitted.arrays, scaling.s))
-    F0 = jnp.full((st["rank"], n_new), float(jnp.mean(result.F)) or 1.0, dtype)
+    F0 = jnp.full((st.rank, n_new), float(jnp.mean(result.F)) or 1.0, dtype)
     F, _ = _run_transform(arrays, F0, factors, params, jnp.asarray(tol, dtype),
                           None if groups is None else jnp.asarray(groups), length=max_iter, check_every=10,
-                          n_groups=n_groups, signed=any(signed))
+                          n_groups=n_groups, signed=any(st.signed))
     return F
 
 
-def _transform_groups(st: dict, n_fit: int, example_groups, n_new: int):
+def _transform_groups(st: FitSettings, n_fit: int, example_groups, n_new: int):
     """(groups (N_new,) or None, n_groups, group weights (n_groups,)) of ``transform``'s penalty."""
-    raw = np.asarray(st["raw_penalties"]["group_F"], np.float64)
-    if st["example_groups"] is None or st["group_F"] == 0:
-        if st["group_F"] == 0 or st["penalty_units"] == "raw":
+    raw = st.raw_penalties.group_F
+    if st.example_groups is None or st.group_F == 0:
+        if st.group_F == 0 or st.penalty_units == "raw":
             return None, 1, raw[:1]
         return None, 1, raw * np.sqrt(n_new / n_fit)  # group_F' S sqrt(N_new) / N
     if example_groups is None:
-        raise ValueError(f"example_groups: the fit had example groups and group_F={st['group_F']}, so transform needs "
+        raise ValueError(f"example_groups: the fit had example groups and group_F={st.group_F}, so transform needs "
                          f"the group of each new example, an (N_new,) = ({n_new},) array of ints in "
-                         f"[0, {st['n_groups']})")
+                         f"[0, {st.n_groups})")
     given = np.asarray(example_groups)
     if given.shape != (n_new,) or not np.issubdtype(given.dtype, np.integer):
         raise ValueError(f"example_groups must be (N_new,) = ({n_new},) integers, got shape {given.shape} "
                          f"dtype {given.dtype}")
     # the fit's groups keep their indices; a group the fit never saw gets a new one
-    labels = np.concatenate([st["group_labels"], np.setdiff1d(given, st["group_labels"])])
+    labels = np.concatenate([st.group_labels, np.setdiff1d(given, st.group_labels)])
     order = np.argsort(labels)
     groups = order[np.searchsorted(labels, given, sorter=order)].astype(np.int32)
     n_groups = len(labels)
-    if st["penalty_units"] == "raw":
+    if st.penalty_units == "raw":
         return groups, n_groups, np.full(n_groups, raw[0])
-    fit_sizes = np.bincount(st["example_groups"], minlength=st["n_groups"])
+    fit_sizes = np.bincount(st.example_groups, minlength=st.n_groups)
     unit = raw[fit_sizes > 0][0] / np.sqrt(fit_sizes[fit_sizes > 0][0])  # group_F' S / N, the same for every group
     return groups, n_groups, unit * np.sqrt(np.bincount(groups, minlength=n_groups))
 
@@ -638,7 +641,7 @@ def objective(blocks, F, factors, *, l2_F: float = 0.0, l2: Any = 0.0, l1_F: flo
               l1_F=P.scalar(l1_F, "l1_F"), group_F=P.scalar(group_F, "group_F"), example_groups=groups,
               n_groups=n_groups, penalty_units=penalty_units)
     raw = raw_penalties(st, sq, [x.shape[0] for x in arrays], F.shape[1])
-    params = make_params(len(arrays), weights=weights, l2=raw["l2"], l1=raw["l1"], l2_F=raw["l2_F"],
-                         l1_F=raw["l1_F"], group_F=raw["group_F"], dtype=F.dtype)
+    params = make_params(len(arrays), weights=weights, l2=raw.l2, l1=raw.l1, l2_F=raw.l2_F, l1_F=raw.l1_F,
+                         group_F=raw.group_F, dtype=F.dtype)
     return _objective(arrays, F, tuple(jnp.asarray(w, F.dtype) for w in fac.arrays), params,
                       None if groups is None else jnp.asarray(groups), n_groups)

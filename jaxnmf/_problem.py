@@ -364,7 +364,8 @@ def check_fit(blocks: Any, rank: Any, *, max_iter: Any, tol: Any, init: Any, n_r
     n_restarts, check_every, tol, solver, init (a name or explicit (F0, [W0_b])), weights (B,),
     l2 (B,), l1 (B,), l2_F, l1_F, group_F (as given, in ``penalty_units``), example_groups ((N,)
     ints in [0, n_groups) or None), n_groups, group_labels (the given group of each index, or
-    None), unit_columns, penalty_units, signed ((B,) bools, or () when no block is signed).
+    None), unit_columns, penalty_units, signed ((B,) bools, or () when no block is signed), as a
+    dict: the fits complete it into their ``FitSettings`` (``FitSettings.resolved``).
     """
     bl = as_blocks(blocks)
     rank = check_rank(rank, bl)

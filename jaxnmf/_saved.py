@@ -6,9 +6,11 @@ Format (version 1), one NumPy ``.npz`` archive, no pickled objects:
 - ``meta``: a JSON string: ``{"format": "jaxnmf.fit", "version": 1, "container": "dict" | "list" |
   "tuple", "keys": [block names or positions], "rows": [rows_b], "dtype": "float32" | "float64",
   "loss", "n_iter", "converged", "finite", "collapsed", "relative_errors": [per block],
-  "block_weights": [per block], "settings": {...}}``. In ``settings`` an array is written as
-  ``{"array": name}`` (stored under that name), a dtype as ``{"dtype": "float32"}``, a nested
-  mapping as a mapping; everything else as JSON.
+  "block_weights": [per block], "settings": {...}}``. ``settings`` holds the fields of the fit's
+  ``FitSettings`` by name: an array is written as ``{"array": name}`` (stored under that name, in
+  its dtype), a dtype as ``{"dtype": "float32"}``, ``raw_penalties`` as a mapping of its fields, a
+  tuple as a list; everything else as JSON. ``load_fit`` builds the ``FitSettings`` from them (a
+  field a fit saved before it existed takes its default, e.g. ``signed=()``).
 - ``F`` (d, N); ``factor_<i>`` (rows_b, d) for block i in the order of ``keys``; ``losses``;
   ``restart_losses``; ``active`` (d,) bool; and the settings' arrays.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ import numpy as np
 
 from ._checkpoint import write_npz_atomic
 from ._fit import NMFResult
+from ._settings import FitSettings
 
 __all__ = ["load_fit", "save_fit"]
 
@@ -99,14 +103,15 @@ def load_fit(path: str | os.PathLike) -> NMFResult:
             F=jnp.asarray(data["F"], dtype), loss=meta["loss"], factors=rebuild(factors), losses=data["losses"],
             relative_errors=rebuild(meta["relative_errors"]), n_iter=meta["n_iter"], converged=meta["converged"],
             finite=meta["finite"], restart_losses=data["restart_losses"], block_weights=rebuild(meta["block_weights"]),
-            active=data["active"], collapsed=meta["collapsed"], settings=_settings(_decode(meta["settings"], data)))
+            active=data["active"], collapsed=meta["collapsed"],
+            settings=FitSettings(**_decode(meta["settings"], data)))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"path: {path} is not a consistent saved fit ({type(error).__name__}: {error})") from None
 
 
 def _encode(value, name: str, stored: dict):
     """``value`` as JSON, its arrays moved to ``stored`` under names derived from ``name``."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(k): _encode(v, f"{name}.{k}", stored) for k, v in value.items()}
     if isinstance(value, (np.ndarray, jnp.ndarray)):
         stored[name] = np.asarray(value)
@@ -120,12 +125,6 @@ def _encode(value, name: str, stored: dict):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"result.settings[{name!r}]: cannot save a {type(value).__name__}")
-
-
-def _settings(settings: dict) -> dict:
-    """The decoded settings with the types ``fit`` gives them: ``signed`` a tuple of bools (JSON has lists;
-    a fit saved before signed blocks existed has none)."""
-    return dict(settings, signed=tuple(bool(v) for v in settings.get("signed", ())))
 
 
 def _decode(value, data: dict):

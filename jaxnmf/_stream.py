@@ -48,6 +48,7 @@ from ._hals import SWEEPS, hals_update_F_from, hals_update_rows
 from ._init import balance, init_random
 from ._mu import MUState, _penalties, _residual_sq, mu_update_F_from, mu_update_rows
 from ._one_pass import PASS_TILE_BYTES, _block_pass
+from ._settings import FitSettings
 from ._tiles import dot as _dot, tile_rows
 
 TILE_BYTES = 64 << 20  # bytes of stored data per tile (rows of about this size)
@@ -237,7 +238,7 @@ def fit_streamed(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol:
       ``relative_errors`` by explicit residuals, summed over the tiles of the last pass that was
       kept (or of one more read-only pass when it did not form them, after a non-finite step);
       ``losses`` from the passes' products; one entry in ``restart_losses``;
-      settings with ``streamed=True`` and ``tile_bytes``. ``jaxnmf.transform`` and ``save_fit``
+      ``settings`` with ``streamed=True`` and ``tile_bytes``. ``jaxnmf.transform`` and ``save_fit``
       take it as they take ``fit``'s.
 
     Every pass reads all the blocks once; a statistics pass (``_problem.block_stats``: finite,
@@ -255,16 +256,18 @@ def fit_streamed(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol:
                                 l2_F=l2_F, l2=l2, l1_F=l1_F, l1=l1, unit_columns=False, block_weights=block_weights,
                                 group_F=0.0, example_groups=None, check_every=check_every, solver=solver,
                                 penalty_units=penalty_units)
-    rank, max_iter, check_every, tol, init = (st[k] for k in ("rank", "max_iter", "check_every", "tol", "init"))
     for label, hi in zip(bl.labels, stats.max):
         if hi > float(jnp.finfo(dtype).max):
             raise ValueError(f"{label} has entries up to {hi:.3g}, beyond the range of {dtype}: use dtype=float64")
-    weights, n, rows = st["weights"], bl.arrays[0].shape[1], [x.shape[0] for x in bl.arrays]
-    raw = raw_penalties(st, stats.sq_norm, rows, n)
-    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype, block_dtype=dtype,
-                    one_pass=True, raw_penalties=raw, streamed=True, tile_bytes=tile_bytes)
+    init = st["init"]  # "random", or the explicit (F0, [W0_b])
+    n, rows = bl.arrays[0].shape[1], [x.shape[0] for x in bl.arrays]
+    settings = FitSettings.resolved(st, dtype=dtype, block_dtype=dtype, one_pass=True,
+                                    raw_penalties=raw_penalties(st, stats.sq_norm, rows, n), streamed=True,
+                                    tile_bytes=tile_bytes)
+    rank, max_iter, check_every, tol = settings.rank, settings.max_iter, settings.check_every, settings.tol
+    weights, raw = settings.weights, settings.raw_penalties
     scaling = _Scaling.of(stats, weights, dtype, rows, n)
-    params = scaling.params(weights, raw["l2"], raw["l1"], raw["l2_F"], raw["l1_F"], raw["group_F"], dtype)
+    params = scaling.params(weights, raw, raw.group_F, dtype)
     sq_norms = jnp.asarray(stats.sq_norm / scaling.s ** 2, dtype)
     if scaling.floored.any():
         names = ", ".join(lb for lb, f in zip(bl.labels, scaling.floored) if f)
@@ -278,7 +281,7 @@ def fit_streamed(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol:
     else:
         states = jax.vmap(lambda k: init_random(k, n, rows, stats.mean / scaling.s, rank, dtype=dtype))(key[None])
     state = jax.tree.map(lambda a: a[0], balance(states, params, None, 1))
-    update_rows = mu_update_rows if st["solver"] == "mu" else _HALS_ROWS
+    update_rows = mu_update_rows if settings.solver == "mu" else _HALS_ROWS
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool, \
             tqdm(total=max_iter, desc="coupled NMF (streamed)", unit="it", disable=not progress, leave=False) as bar:
@@ -290,7 +293,7 @@ def fit_streamed(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol:
         while finite and not converged and len(losses) < max_iter:
             t = len(losses) + 1
             exact = (tol > 0 and t % check_every == 0) or t == max_iter
-            F, FFt = _update_F(state.F, R, G, params, solver=st["solver"])
+            F, FFt = _update_F(state.F, R, G, params, solver=settings.solver)
             factors, R_new, G_new, fit, res = stream.run(F, FFt, state.factors, update_rows, True, exact)
             loss = float(fit + _penalty(F, factors, params))
             if not np.isfinite(loss):
@@ -314,7 +317,7 @@ def fit_streamed(blocks, rank: int, *, key: jax.Array, max_iter: int = 200, tol:
                             np.asarray(sq_norms, np.float64))
     collapsed = not active.any()
     if collapsed:
-        warnings.warn(collapse_message(st), RuntimeWarning, stacklevel=2)
+        warnings.warn(collapse_message(settings), RuntimeWarning, stacklevel=2)
     if not finite:
         warnings.warn(f"iteration {n_iter + 1} gave a non-finite objective (an overflow or NaN in the updates); the "
                       f"fit stopped there and returns iterate {n_iter}, the last finite one, with finite=False and "

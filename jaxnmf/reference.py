@@ -30,6 +30,7 @@ import numpy as np
 from . import _problem as P
 from ._fit import ACTIVE_TOL, NMFResult, _transform_groups
 from ._hals import SWEEPS
+from ._settings import FitSettings
 
 
 def _seed(key: Any) -> int:
@@ -344,7 +345,7 @@ def fit(blocks, rank: int, *, key: Any, max_iter: int = 200, tol: float = 1e-4, 
     final = np.array([r[2][-1] for r in runs])
     F, Ws, losses, converged = runs[int(np.argmin(final))]
     rel = [np.linalg.norm(x - w @ F) / np.linalg.norm(x) if np.any(x) else np.linalg.norm(w @ F) for x, w in zip(X, Ws)]
-    settings = dict(st, init=init if isinstance(init, str) else "explicit", dtype=dtype, raw_penalties=raw)
+    settings = FitSettings.resolved(st, dtype=dtype, block_dtype=dtype, one_pass=False, raw_penalties=raw)
     energy = sum(wb * np.sum(w.astype(np.float64) ** 2, axis=0) for w, wb in zip(Ws, st["weights"]))
     energy = energy * np.sum(F.astype(np.float64) ** 2, axis=1)
     total = sum(wb * np.sum(x.astype(np.float64) ** 2) for x, wb in zip(X, st["weights"]))
@@ -363,13 +364,13 @@ def transform(result: NMFResult, new_blocks, *, example_groups=None, max_iter: i
     st = result.settings
     bl = P.as_blocks(new_blocks, "new_blocks")
     Ws = P.as_blocks(result.factors, "result.factors").arrays
-    X = [np.asarray(x, st["dtype"]) for x in bl.arrays]
+    X = [np.asarray(x, st.dtype) for x in bl.arrays]
     groups, _, group_F = _transform_groups(st, result.F.shape[1], example_groups, X[0].shape[1])
-    raw = st["raw_penalties"]
-    F = np.full((st["rank"], X[0].shape[1]), float(np.mean(result.F)) or 1.0, st["dtype"])
+    raw = st.raw_penalties
+    F = np.full((st.rank, X[0].shape[1]), float(np.mean(result.F)) or 1.0, st.dtype)
     previous = F
     for it in range(1, max_iter + 1):
-        F = update_F(X, F, Ws, st["weights"], raw["l2_F"], raw["l1_F"], group_F, groups, signed=any(st.get("signed", ())))
+        F = update_F(X, F, Ws, st.weights, raw.l2_F, raw.l1_F, group_F, groups, signed=any(st.signed))
         if it % 10 == 0:
             if tol > 0 and np.linalg.norm(F - previous) / max(np.linalg.norm(previous), np.finfo(F.dtype).tiny) < tol:
                 break

@@ -9,10 +9,10 @@ Two presets (`TrainConfig`):
   128, a linear warm-up to 0.1 over 2 epochs then a cosine decay to 0, 30 epochs, random crop
   with padding 4 and horizontal flip; meant for a GPU.
 - ``TrainConfig.until_plateau(max_epochs)``, the same optimiser (at rate 0.02) trained until a held-out
-  accuracy stops improving (``schedule="plateau"``): a share of the train images
-  (``validation_fraction``) is set aside; after each epoch, when their accuracy has not risen by
-  more than ``min_delta`` over the best for ``patience`` epochs (or is already 1), the learning
-  rate is multiplied by ``lr_decay_factor``; the plateau after the ``max_decays``-th decay ends
+  loss stops improving (``schedule="plateau"``): a share of the train images
+  (``validation_fraction``) is set aside; after each epoch, when their loss has not fallen by
+  more than ``min_delta`` of its best for ``patience`` epochs (or their accuracy is already 1),
+  the learning rate is multiplied by ``lr_decay_factor``; the plateau after the ``max_decays``-th decay ends
   the run, and ``epochs`` caps it. The number of epochs then adapts to the data: a hard data set
   trains longer, an easy one stops early, both end at a low learning rate. The test images
   never take part in a decision.
@@ -68,8 +68,8 @@ class TrainConfig:
         lr_decay_epochs: epochs after which the ``"step"`` schedule decays.
         lr_decay_factor: the ``"step"`` and ``"plateau"`` schedules' factor.
         patience: ``"plateau"``: epochs without improvement that make a plateau.
-        min_delta: ``"plateau"``: the rise of the validation accuracy over its best that counts
-            as an improvement (a share, e.g. 0.002).
+        min_delta: ``"plateau"``: the fall of the validation loss below its best, relative to
+            it, that counts as an improvement (e.g. 0.001).
         max_decays: ``"plateau"``: learning-rate decays before the next plateau ends the run.
         validation_fraction: ``"plateau"``: the share of the train images held out to measure
             the plateau on (drawn from ``seed``; they are not trained on).
@@ -95,7 +95,7 @@ class TrainConfig:
     max_rotation: float = 0.0
     eval_batch_size: int = 500
     patience: int = 3
-    min_delta: float = 0.002
+    min_delta: float = 1e-3
     max_decays: int = 2
     validation_fraction: float = 0.1
 
@@ -166,13 +166,13 @@ class TrainConfig:
 
     @classmethod
     def until_plateau(cls, max_epochs: int = 60, **changes) -> "TrainConfig":
-        """The fast recipe's optimiser at learning rate 0.02, trained until the validation accuracy
+        """The fast recipe's optimiser at learning rate 0.02, trained until the validation loss
         stops improving (``schedule="plateau"``, module docstring), for at most ``max_epochs``
         epochs, after a one-epoch warm-up; ``changes`` replace any other field.
 
         The rate: held constant at the cosine schedule's peak of 0.1, a width-8 ResNet-18 did not
         learn ``shapes`` (test accuracy 0.44 after 17 epochs at batch 64); at 0.02 it did (README,
-        "Training until the held-out accuracy stops improving")."""
+        "Training until the held-out loss stops improving")."""
         return cls(**{"epochs": max_epochs, "schedule": "plateau", "warmup_epochs": 1, "learning_rate": 0.02,
                       **changes})
 
@@ -186,8 +186,9 @@ class TrainResult(NamedTuple):
             read from a checkpoint).
         history: one dict per epoch: ``epoch`` (1-based), ``learning_rate`` (of its last step),
             ``train_loss`` (mean cross-entropy of its batches), ``test_accuracy`` and, with the
-            ``"plateau"`` schedule, ``validation_accuracy``.
-        stopped: why the run ended: ``"plateau"`` (the validation accuracy stopped improving after
+            ``"plateau"`` schedule, ``validation_accuracy`` and ``validation_loss`` (mean
+            cross-entropy of the held-out images).
+        stopped: why the run ended: ``"plateau"`` (the validation loss stopped improving after
             the last decay), ``"max_epochs"`` (``config.epochs`` ran) or ``"epochs"`` (the
             ``epochs`` argument of `train` stopped it first).
     """
@@ -209,26 +210,31 @@ class PlateauState(NamedTuple):
     done: bool
 
 
-def plateau_state(validation_accuracies, config: TrainConfig) -> PlateauState:
-    """Replay the plateau rule over the validation accuracy of each epoch so far.
+def plateau_state(history, config: TrainConfig) -> PlateauState:
+    """Replay the plateau rule over the epochs of a history (dicts with ``validation_loss`` and
+    ``validation_accuracy``, as `train` records them).
 
-    After each epoch past the warm-up: an accuracy above the best so far by more than
-    ``min_delta`` resets the wait (and becomes the best); otherwise the wait grows by one, and an
-    accuracy of 1 fills it at once (it cannot improve). A full wait (``patience``) is a plateau:
-    the rate decays and the wait restarts, or, after ``max_decays`` decays, the run ends. A pure
-    function of the history, so a resumed run takes the decisions of one that never stopped.
+    After each epoch past the warm-up: a validation loss (mean cross-entropy) below the best so
+    far by more than ``min_delta`` of it resets the wait (and becomes the best); otherwise the wait
+    grows by one, and a validation accuracy of 1 fills it at once (the held-out images can tell
+    nothing more). A full wait (``patience``) is a plateau: the rate decays and the wait restarts,
+    or, after ``max_decays`` decays, the run ends. The loss, not the accuracy, is watched: on a
+    slow stretch (a saddle) the loss still falls while the accuracy stalls, and the accuracy of a
+    few hundred images moves in coarse steps. A pure function of the history, so a resumed run
+    takes the decisions of one that never stopped.
     """
-    best, wait, decays = -1.0, 0, 0
-    for epoch, accuracy in enumerate(validation_accuracies, start=1):
+    best, wait, decays = np.inf, 0, 0
+    for epoch, record in enumerate(history, start=1):
+        loss = record["validation_loss"]
         if epoch <= config.warmup_epochs:
-            best = max(best, accuracy)
+            best = min(best, loss)
             continue
-        if accuracy > best + config.min_delta:
-            best, wait = accuracy, 0
+        if loss < best * (1 - config.min_delta):
+            wait = 0
         else:
-            best = max(best, accuracy)
             wait += 1
-        if accuracy >= 1.0:
+        best = min(best, loss)
+        if record["validation_accuracy"] >= 1.0:
             wait = config.patience
         if wait >= config.patience:
             if decays == config.max_decays:
@@ -328,29 +334,33 @@ def _train_step(state, images, labels, batch, key, lr_scale, *, model, config, s
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _count_correct(variables, images, labels, mask, *, model):
-    predicted = jnp.argmax(model.apply(variables, images, train=False), axis=-1)
-    return jnp.sum((predicted == labels) & mask)
+def _correct_and_loss(variables, images, labels, mask, *, model):
+    """(correct predictions, summed cross-entropy) over the unmasked images of a batch."""
+    logits = model.apply(variables, images, train=False)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return correct, jnp.sum(jnp.where(mask, loss, 0.0))
 
 
-def _accuracy(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+def _evaluate(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``variables`` on the images, in inference mode."""
     n = len(images)
     batch_size = min(batch_size, n)
     pad = -n % batch_size  # the last batch is padded, so that one compilation serves all
     images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
     labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
     mask = np.arange(n + pad) < n
-    correct = sum(
-        _count_correct(
-            variables,
-            images[i : i + batch_size],
-            labels[i : i + batch_size],
-            mask[i : i + batch_size],
-            model=model,
-        )
-        for i in range(0, n + pad, batch_size)
-    )
-    return float(correct) / n
+    correct, loss = 0, 0.0
+    for i in range(0, n + pad, batch_size):
+        c, l = _correct_and_loss(variables, images[i : i + batch_size], labels[i : i + batch_size],
+                                 mask[i : i + batch_size], model=model)
+        correct, loss = correct + int(c), loss + float(l)
+    return correct / n, loss / n
+
+
+def _accuracy(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    """The accuracy of ``variables`` on the images, in inference mode."""
+    return _evaluate(model, variables, images, labels, batch_size)[0]
 
 
 def _check_images(name: str, images) -> np.ndarray:
@@ -617,7 +627,7 @@ def train(
     for epoch in range(len(history) + 1, epochs + 1):
         lr_scale = 1.0
         if validation is not None:
-            plateau = plateau_state([h["validation_accuracy"] for h in history], config)
+            plateau = plateau_state(history, config)
             if plateau.done:
                 break
             lr_scale = config.lr_decay_factor ** plateau.decays
@@ -644,9 +654,8 @@ def train(
             }
         )
         if validation is not None:
-            history[-1]["validation_accuracy"] = _accuracy(
-                model, variables, *validation, config.eval_batch_size
-            )
+            accuracy, loss = _evaluate(model, variables, *validation, config.eval_batch_size)
+            history[-1].update(validation_accuracy=accuracy, validation_loss=loss)
         record = history[-1]
         bar.set_postfix(
             epoch=epoch, loss=f"{record['train_loss']:.3f}", test_acc=record["test_accuracy"],
@@ -661,7 +670,7 @@ def train(
                 ),
             )
     bar.close()
-    if validation is not None and plateau_state([h["validation_accuracy"] for h in history], config).done:
+    if validation is not None and plateau_state(history, config).done:
         stopped = "plateau"
     if manager is not None:
         manager.wait_until_finished()

@@ -95,42 +95,51 @@ PLATEAU = models.TrainConfig.until_plateau(
 )
 
 
+def epochs(losses, accuracies=None):
+    """A history with these validation losses (and accuracies, 0.5 by default)."""
+    accuracies = accuracies or [0.5] * len(losses)
+    return [{"validation_loss": l, "validation_accuracy": a} for l, a in zip(losses, accuracies)]
+
+
 @pytest.mark.parametrize(
-    "accuracies, expected",
+    "history, expected",
     [
-        # warm-up epoch 1 is not judged; 0.6 twice without a rise over the best is a plateau
-        ([0.3, 0.5, 0.6, 0.6, 0.6], (1, False)),
-        ([0.3, 0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7], (1, True)),
-        # a rise of min_delta (0.002) or less is no improvement
-        ([0.3, 0.5, 0.501, 0.502, 0.6], (1, False)),
-        # an accuracy of 1 cannot improve: each such epoch is a plateau of its own
-        ([0.3, 1.0], (1, False)),
-        ([0.3, 1.0, 1.0], (1, True)),
-        ([0.3, 0.4, 0.5, 0.6, 0.7, 0.8], (0, False)),
+        # warm-up epoch 1 is not judged; 0.6 twice without a fall below the best is a plateau
+        (epochs([2.0, 1.0, 0.6, 0.6, 0.6]), (1, False)),
+        (epochs([2.0, 1.0, 0.6, 0.6, 0.6, 0.5, 0.5, 0.5]), (1, True)),
+        # a fall of min_delta (0.1%) of the best or less is no improvement
+        (epochs([2.0, 1.0, 0.9995, 0.9991, 0.5]), (1, False)),
+        # a held-out accuracy of 1 cannot improve: each such epoch is a plateau of its own
+        (epochs([2.0, 1.0], [0.3, 1.0]), (1, False)),
+        (epochs([2.0, 1.0, 0.9], [0.3, 1.0, 1.0]), (1, True)),
+        (epochs([2.0, 1.0, 0.9, 0.8, 0.7, 0.6]), (0, False)),
     ],
 )
-def test_plateau_rule(accuracies, expected):
-    assert tuple(train_module.plateau_state(accuracies, PLATEAU)) == expected
+def test_plateau_rule(history, expected):
+    assert tuple(train_module.plateau_state(history, PLATEAU)) == expected
 
 
 def test_plateau_rule_against_a_direct_simulation():
-    """Random accuracy sequences: the rule equals a plain re-statement of it (patience 3, two decays)."""
+    """Random loss and accuracy sequences: the rule equals a plain re-statement of it (patience 3,
+    two decays, min_delta 0.1%)."""
     config = models.TrainConfig.until_plateau(40, warmup_epochs=2)
     rng = np.random.default_rng(0)
     for _ in range(300):
-        acc = list(np.round(np.minimum(1, np.cumsum(rng.uniform(-0.02, 0.03, rng.integers(1, 40))) + 0.5), 3))
-        decays, best, since = 0, max(acc[:2]), 0
-        expected = None
-        for a in acc[2:]:
-            since = 0 if a > best + 0.002 else since + 1
-            best = max(best, a)
-            since = 3 if a >= 1 else since
+        n = rng.integers(1, 40)
+        losses = list(np.exp(np.cumsum(rng.uniform(-0.05, 0.03, n))))
+        accuracies = list(np.where(rng.random(n) < 0.05, 1.0, 0.9))
+        decays, best, since, expected = 0, min(losses[:2]), 0, None
+        for loss, accuracy in zip(losses[2:], accuracies[2:]):
+            since = 0 if loss < best * 0.999 else since + 1
+            best = min(best, loss)
+            since = 3 if accuracy == 1 else since
             if since == 3:
                 if decays == 2:
                     expected = (2, True)
                     break
                 decays, since = decays + 1, 0
-        assert tuple(train_module.plateau_state(acc, config)) == (expected or (decays, False))
+        history = epochs(losses, accuracies)
+        assert tuple(train_module.plateau_state(history, config)) == (expected or (decays, False))
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +151,13 @@ def test_plateau_training_stops_on_the_held_out_accuracy(plateau_result):
     history = plateau_result.history
     # colour_data is easy: validation accuracy reaches 1, the rate decays once, the next plateau ends the run
     assert plateau_result.stopped == "plateau" and len(history) < PLATEAU.epochs
-    validation = [h["validation_accuracy"] for h in history]
-    assert train_module.plateau_state(validation, PLATEAU).done
-    assert not train_module.plateau_state(validation[:-1], PLATEAU).done
+    assert train_module.plateau_state(history, PLATEAU).done
+    assert not train_module.plateau_state(history[:-1], PLATEAU).done
+    assert all(h["validation_loss"] > 0 for h in history)
     rates = [h["learning_rate"] for h in history]
     # the last of 4 warm-up steps (72 images trained on, batch 16), then the full rate
     assert rates[0] == pytest.approx(0.05 * 3 / 4) and rates[1] == pytest.approx(0.05)
-    decayed = train_module.plateau_state(validation[:-1], PLATEAU).decays
+    decayed = train_module.plateau_state(history[:-1], PLATEAU).decays
     assert rates[-1] == pytest.approx(0.05 * 0.2 ** decayed) and decayed == 1
     assert plateau_result.test_accuracy > 0.9
 
