@@ -102,6 +102,9 @@ class RunConfig:
     block_dtype: str = option(
         "float32", FACTORISATION, "how the blocks are held: bfloat16 takes half the memory (the fit is then that of "
         "the data rounded to 3 digits)", choices=("float32", "bfloat16"))
+    devices: int = option(1, FACTORISATION, "shard the blocks' examples (columns) over this many devices for the fit "
+                                          "(jax.sharding: F sharded, the W_b replicated); --n-probe must be a "
+                                          "multiple of it")
     iterations: int = option(300, FACTORISATION, "most iterations of the fit")
     tol: float = option(1e-5, FACTORISATION, "stop when the objective decreases by less than this (relative); 0 "
                                              "runs every iteration")

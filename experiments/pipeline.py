@@ -65,6 +65,18 @@ def check_config(cfg: RunConfig) -> None:
         fail("solver", f"choose 'mu' or 'hals', got {cfg.solver!r}")
     if cfg.block_dtype not in ("float32", "bfloat16"):
         fail("block_dtype", f"choose 'float32' or 'bfloat16', got {cfg.block_dtype!r}")
+    if isinstance(cfg.devices, bool) or not isinstance(cfg.devices, int) or cfg.devices < 1:
+        fail("devices", f"must be a whole number >= 1, got {cfg.devices!r}")
+    if cfg.devices > 1:
+        available = len(jax.devices())
+        if cfg.devices > available:
+            fail("devices", f"{cfg.devices} asked for, but JAX sees {available} {jax.default_backend()} device(s) "
+                            "(on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=K simulates K)")
+        if cfg.n_probe % cfg.devices:
+            fail("devices", f"--n-probe {cfg.n_probe} is not a multiple of {cfg.devices}: each device holds the same "
+                            "number of examples")
+        if cfg.block_dtype != "float32":
+            fail("devices", "sharded blocks are float32; leave --block-dtype at float32")
     if cfg.penalty_units not in (None, "relative", "raw"):
         fail("penalty_units", f"choose 'relative' or 'raw', got {cfg.penalty_units!r}")
     if cfg.block_weights not in (None, "none", "frobenius"):
@@ -251,8 +263,14 @@ def run(cfg: RunConfig, *, extra_notes: Sequence[str] = (),
     blocks = build_blocks(probe.images[idx], capture, layers, out_dir=out / "blocks")
     if not cfg.pixels:
         blocks = {name: x for name, x in blocks.items() if not name.startswith("pixels")}
+    examples = None  # with --devices K: every block's columns split over K devices, the W_b replicated
+    if cfg.devices > 1:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:cfg.devices]), ("examples",))
+        examples = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "examples"))
     for name in list(blocks):  # onto the device one block at a time: the data is never held twice
-        if cfg.block_dtype == "bfloat16":  # fit uses these in place on a CPU, copies them to an accelerator
+        if examples is not None:
+            blocks[name] = jax.device_put(blocks[name], examples)
+        elif cfg.block_dtype == "bfloat16":  # fit uses these in place on a CPU, copies them to an accelerator
             narrow = jaxnmf.aligned_empty(blocks[name].shape, jnp.bfloat16)
             narrow[...] = blocks[name]
             blocks[name] = narrow

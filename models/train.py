@@ -623,7 +623,7 @@ def train(
         desc="train",
         disable=not progress,
     )
-    trained_epochs, stopped = [], "max_epochs" if epochs == config.epochs else "epochs"
+    trained_here, stopped = False, "max_epochs" if epochs == config.epochs else "epochs"
     for epoch in range(len(history) + 1, epochs + 1):
         lr_scale = 1.0
         if validation is not None:
@@ -631,7 +631,7 @@ def train(
             if plateau.done:
                 break
             lr_scale = config.lr_decay_factor ** plateau.decays
-        trained_epochs.append(epoch)
+        trained_here = True
         epoch_key = jax.random.fold_in(data_key, epoch)
         order_key, augment_key = jax.random.split(epoch_key)
         order = jax.random.permutation(order_key, n_train).astype(jnp.int32)
@@ -654,8 +654,8 @@ def train(
             }
         )
         if validation is not None:
-            accuracy, loss = _evaluate(model, variables, *validation, config.eval_batch_size)
-            history[-1].update(validation_accuracy=accuracy, validation_loss=loss)
+            held_accuracy, held_loss = _evaluate(model, variables, *validation, config.eval_batch_size)
+            history[-1].update(validation_accuracy=held_accuracy, validation_loss=held_loss)
         record = history[-1]
         bar.set_postfix(
             epoch=epoch, loss=f"{record['train_loss']:.3f}", test_acc=record["test_accuracy"],
@@ -678,7 +678,7 @@ def train(
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     # the accuracy of the variables returned: the last epoch's if it ran here, else measured now
     # (a checkpoint's history is not trusted for it)
-    if trained_epochs:
+    if trained_here:
         test_accuracy = history[-1]["test_accuracy"]
     else:
         test_accuracy = _accuracy(

@@ -213,6 +213,11 @@ CLI_CASES = [
                  id="cli-smoke-rank"),
     pytest.param(lambda t, m: ["--out", f"{t}/o", "--layers", "stage9"],
                  r"error: --layers: unknown layer 'stage9' for resnet18; valid: .*stage3", id="cli-unknown-layer"),
+    pytest.param(lambda t, m: ["--out", f"{t}/o", "--devices", "0"], r"error: --devices: must be a whole number >= 1",
+                 id="cli-devices-0"),
+    pytest.param(lambda t, m: ["--out", f"{t}/o", "--devices", "64"],
+                 r"error: --devices: 64 asked for, but JAX sees 1 cpu device.*xla_force_host_platform_device_count",
+                 id="cli-devices-too-many"),
 ]
 
 

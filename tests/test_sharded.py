@@ -1,9 +1,12 @@
 """A fit of blocks sharded over the example axis (jax.sharding, 8 simulated CPU devices) equals the
 single-device fit up to reduction order, and keeps F sharded over the examples."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +47,22 @@ def test_a_fit_sharded_over_examples_on_8_devices_equals_the_single_device_fit()
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
+@pytest.mark.heavy  # 40-60 s: a whole smoke run in a process with 2 simulated devices
+def test_the_pipeline_fits_on_2_devices_like_on_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        done = subprocess.run([sys.executable, "-m", "experiments.quickstart", "--smoke", "--out", str(out),
+                               "--devices", str(devices)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        runs[devices] = json.loads((out / "summary.json").read_text())
+        assert (out / "report.html").exists()
+    assert runs[2]["config"]["devices"] == 2
+    one, two = (runs[d]["fit"] for d in (1, 2))
+    assert two["n_iter"] == one["n_iter"]
+    assert abs(two["loss"] - one["loss"]) <= 1e-4 * one["loss"], (one["loss"], two["loss"])
