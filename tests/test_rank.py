@@ -23,7 +23,7 @@ def exact_rank(r, seed, n=200, rows=(60, 40, 10)):
     return blocks, float(np.sqrt(num / len(rows)))
 
 
-@pytest.fixture(scope="module", params=["mu", "hals"])
+@pytest.fixture(scope="module", params=[pytest.param("mu", marks=pytest.mark.heavy), "hals"])  # MU: 1 min of curves
 def curves(request):
     solver = request.param
     options = dict(solver=solver, max_iter=300 if solver == "hals" else 1000, tol=1e-5, block_weights="frobenius")

@@ -64,6 +64,7 @@ def test_cross_dataset_smoke_with_sparsity_path_and_seen_unseen_controls(tmp_pat
     assert_offline((tmp_path / "report.html").read_text())
 
 
+@pytest.mark.heavy  # 35-55 s; the shapes smoke run above checks the same code path
 def test_the_default_group_penalty_keeps_some_factors_on_digits(tmp_path):
     from experiments import cross_dataset
     cross_dataset.main(["--smoke", "--out", str(tmp_path), "--dataset", "digits", "--probe-dataset", "digits",
