@@ -55,7 +55,7 @@ from jaxnmf import _stream
 
 from .cases import CASES, TRUE_RANK
 from .memory import _peak_rss
-from .peer import log, write_outputs
+from .report import log, publish
 
 BANDWIDTH_TARGET, MEMORY_TARGET, AGREE_TARGET = 0.7, 0.25, 1e-4
 _CHUNK = 64 << 20  # bytes per read of the sequential read, and per written chunk of the data
@@ -386,10 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     results["load_end"], results["total_seconds"] = os.getloadavg()[0], time.perf_counter() - start
-    text = markdown(results)
-    write_outputs(args.out, results, text)
-    print(text)
-    return results
+    return publish(args.out, results, markdown)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -51,10 +50,9 @@ import jax
 import numpy as np
 
 import jaxnmf
-from experiments._atomic import write_text_atomic
 
 from .cases import CASES, Case, init_factors, make_blocks
-from .report import Target
+from .report import Target, log, publish
 from .timing import median, round_robin
 
 RATIO_TARGET = 0.1  # jaxnmf's time to scikit-learn's objective / scikit-learn's time, paper-like case
@@ -64,19 +62,6 @@ QUICK_MAX_ITER = {"hals": 200, "mu": 500}
 _CHUNK_BYTES = 32 << 20  # objective64 works in row chunks of about this size (float64)
 _BUMP = 0.02  # i grows by this share (at least 1) while the explicit J of i iterations is above J_sk
 _BUMPS = 10
-
-
-def log(message: str) -> None:
-    """A progress line on stderr."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def write_outputs(out_dir: pathlib.Path, results: dict, text: str) -> None:
-    """results.json and results.md in ``out_dir``, each atomically (``experiments._atomic``), so that a
-    reader never sees a half-written file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
-    write_text_atomic(out_dir / "results.md", text + "\n")
 
 
 def stacked_data(case: Case) -> np.ndarray:
@@ -293,10 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         label = name if args.n is None else f"{name}, N={args.n}"
         results["cases"][label] = measure_case(case, args)
     results["load_end"] = os.getloadavg()[0]
-    text = markdown(results)
-    write_outputs(args.out, results, text)
-    print(text)
-    return results
+    return publish(args.out, results, markdown)
 
 
 if __name__ == "__main__":

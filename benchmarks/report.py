@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
+import time
 from dataclasses import asdict, dataclass
+from typing import Callable
+
+from experiments._atomic import write_text_atomic
 
 from .timing import ratio
 
@@ -248,13 +253,34 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def log(message: str) -> None:
+    """A progress line on stderr, with the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_outputs(out_dir: pathlib.Path, results: dict, text: str) -> None:
+    """results.json and results.md in ``out_dir``, each atomically (``experiments._atomic``), so that a
+    reader never sees a half-written file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(out_dir / "results.md", text + "\n")
+
+
+def publish(out_dir: pathlib.Path, results: dict, markdown_of: Callable[[dict], str]) -> dict:
+    """The end of a single benchmark: its markdown written next to results.json and printed; returns
+    ``results``."""
+    text = markdown_of(results)
+    write_outputs(out_dir, results, text)
+    print(text)
+    return results
+
+
 def write(results: dict, out_dir: pathlib.Path) -> str:
     """results.json, results.md and objective_vs_time.png in ``out_dir``; returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(results, targets={name: [dict(asdict(t), status=t.status, verdict=t.verdict)
                                             for t in case_targets(c)] for name, c in results["cases"].items()})
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     text = markdown(results)
-    (out_dir / "results.md").write_text(text + "\n")
+    write_outputs(out_dir, results, text)
     plot(results, out_dir / "objective_vs_time.png")
     return text

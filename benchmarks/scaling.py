@@ -32,7 +32,7 @@ import jaxnmf
 
 from . import solvers
 from .cases import CASES, Case, init_factors, make_blocks
-from .peer import log, write_outputs
+from .report import log, publish
 from .timing import median, round_robin
 
 LINEAR_LIMIT = 1.25  # normalised ratio above which a point is flagged
@@ -181,10 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["points"] = measure(case, args.n, args.rank, args.repeats)
     results["analysis"] = analyse(results["points"], results["caches"])
     results["load_end"], results["total_seconds"] = os.getloadavg()[0], time.perf_counter() - start
-    text = markdown(results)
-    write_outputs(args.out, results, text)
-    print(text)
-    return results
+    return publish(args.out, results, markdown)
 
 
 if __name__ == "__main__":
