@@ -1,5 +1,5 @@
-"""Shared test settings (float64 available, strict rank promotion, one compilation cache) and the
-CIFAR mock."""
+"""Shared test settings (float64 available, strict rank promotion, XLA's expensive optimisations
+off, one compilation cache) and the CIFAR mock."""
 import contextlib
 import os
 
@@ -10,6 +10,12 @@ from tensorflow_datasets.testing import mocking
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The tests' programs are small: compiling them costs more than running them, and XLA's expensive
+# passes (semantics-preserving; rounding may differ, which every comparison here tolerates) take
+# a third of the run. Runs the tests start as subprocesses inherit it through the environment.
+# The benchmarks and users' runs keep every optimisation.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_configure(config):

@@ -5,7 +5,7 @@ import pytest
 
 import jaxnmf
 
-GRID = list(range(2, 8))
+GRID = {3: [2, 3, 4, 5], 5: [3, 4, 5, 6, 7]}  # around each rank, both sides (each rank is a compilation)
 NOISE = 0.05
 
 
@@ -30,7 +30,7 @@ def curves(request):
     out = {}
     for r in (3, 5):
         blocks, noise = exact_rank(r, seed=r)
-        out[r] = (jaxnmf.rank_curve(blocks, GRID, key=jax.random.key(0), n_restarts=2, **options), noise)
+        out[r] = (jaxnmf.rank_curve(blocks, GRID[r], key=jax.random.key(0), n_restarts=2, **options), noise)
     return solver, out
 
 
@@ -55,7 +55,7 @@ def test_held_out_errors_stay_at_the_noise_past_the_rank(curves, r):
     assert np.all(np.diff(curve.train_error) <= 3e-3)  # up to an unconverged MU fit from a random start
     assert np.all((curve.stability >= 0) & (curve.stability <= 1 + 1e-9))
     d = curve.as_dict()
-    assert d["ranks"] == GRID and len(d["bcv_error"]) == len(GRID) and curve.n_train + curve.n_held_out == 200
+    assert d["ranks"] == GRID[r] and len(d["bcv_error"]) == len(GRID[r]) and curve.n_train + curve.n_held_out == 200
 
 
 def test_choose_rank_rule():
