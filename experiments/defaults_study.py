@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 EARLY = ("stage1:avg", "stage2:avg")
-SOLVERS = {"mu300": ("mu", 300), "mu1000": ("mu", 1000), "hals300": ("hals", 300)}
+SOLVERS = {"mu300": ("mu", 300), "mu1000": ("mu", 1000), "hals300": ("hals", 300),
+           "mu5000": ("mu", 5000), "hals3000": ("hals", 3000)}
 WEIGHTS = {"frobenius": {}, "early x4": {"early": 4.0}, "early x16": {"early": 16.0},
            "pixels x0.33": {"pixels": 1 / 3}, "pixels x3": {"pixels": 3.0},
            "early x4, pixels x0.33": {"early": 4.0, "pixels": 1 / 3},
