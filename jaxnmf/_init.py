@@ -22,9 +22,7 @@ def _truncated_svd(blocks, coefs, rank, key, dtype):
     rows = [x.shape[0] for x in blocks]
     m, n = sum(rows), blocks[0].shape[1]
     if m * n <= _EXACT_SVD_MAX_SIZE:
-        y = jnp.concatenate([c * x.astype(dtype) for c, x in zip(coefs, blocks)], axis=0)
-        u, s, vt = jnp.linalg.svd(y, full_matrices=False)
-        return u[:, :rank], s[:rank], vt[:rank]
+        return _exact_svd(tuple(blocks), jnp.asarray(coefs, dtype), rank=rank, dtype=dtype)
     k = min(rank + 10, m, n)
     split = lambda q: jnp.split(q, np.cumsum(rows)[:-1], axis=0)
     q, _ = jnp.linalg.qr(jnp.concatenate([c * times(x, jax.random.normal(key, (n, k), dtype))
@@ -37,6 +35,15 @@ def _truncated_svd(blocks, coefs, rank, key, dtype):
     return _dot(q, ub)[:, :rank], s[:rank], vt[:rank]
 
 
+@functools.partial(jax.jit, static_argnames=("rank", "dtype"))
+def _exact_svd(blocks, coefs, *, rank, dtype):
+    """Top-``rank`` SVD (U (M, r), s (r,), V^T (r, N)) of the stacked [c_b X_b], exactly."""
+    y = jnp.concatenate([c * x.astype(dtype) for c, x in zip(coefs, blocks)], axis=0)
+    u, s, vt = jnp.linalg.svd(y, full_matrices=False)
+    return u[:, :rank], s[:rank], vt[:rank]
+
+
+@jax.jit
 def _nndsvd(u, s, vt):
     """NNDSVD (Boutsidis & Gallopoulos 2008) from X ~ U diag(s) V^T: W (M, r), H (r, N).
 
@@ -63,14 +70,23 @@ def init_nndsvd(blocks, weights, data_scale, means, rank, key, *, fill_zeros, dt
     weights = np.maximum(weights, 1e-12)  # a block of negligible weight still gets a usable init
     coefs = [float(np.sqrt(w) / s) for w, s in zip(weights, data_scale)]
     u, s, vt = _truncated_svd(blocks, coefs, rank, key, dtype)
+    rows = tuple(x.shape[0] for x in blocks)
+    # fill value 0 leaves the zeros (NNDSVD)
+    avg = np.sqrt(sum(np.sqrt(w) * m * r for w, m, r in zip(weights, means, rows)) / sum(rows) / rank) \
+        if fill_zeros else 0.0
+    return _nndsvd_state(u, s, vt, jnp.asarray(avg, dtype), jnp.asarray(1 / np.sqrt(weights), dtype),
+                         rows=rows, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "dtype"))
+def _nndsvd_state(u, s, vt, fill, inv_sqrt_w, *, rows, dtype) -> MUState:
+    """NNDSVD of U diag(s) V^T with its zeros replaced by ``fill`` (> 0: NNDSVDa), split into the
+    blocks' rows ``rows``, each W_b multiplied by ``inv_sqrt_w[b]``."""
     w_stack, F = _nndsvd(u, s, vt)
-    rows = [x.shape[0] for x in blocks]
-    if fill_zeros:
-        avg = np.sqrt(sum(np.sqrt(w) * m * r for w, m, r in zip(weights, means, rows)) / sum(rows) / rank)
-        w_stack = jnp.where(w_stack > 0, w_stack, avg)
-        F = jnp.where(F > 0, F, avg)
+    w_stack = jnp.where(w_stack > 0, w_stack, fill)
+    F = jnp.where(F > 0, F, fill)
     parts = jnp.split(w_stack, np.cumsum(rows)[:-1], axis=0)
-    return MUState(F.astype(dtype), tuple((p / np.sqrt(w)).astype(dtype) for p, w in zip(parts, weights)))
+    return MUState(F.astype(dtype), tuple((p * c).astype(dtype) for p, c in zip(parts, inv_sqrt_w)))
 
 
 def init_random(key, n_examples, rows, means, rank, *, dtype) -> MUState:
