@@ -43,7 +43,6 @@ def _exact_svd(blocks, coefs, *, rank, dtype):
     return u[:, :rank], s[:rank], vt[:rank]
 
 
-@jax.jit
 def _nndsvd(u, s, vt):
     """NNDSVD (Boutsidis & Gallopoulos 2008) from X ~ U diag(s) V^T: W (M, r), H (r, N).
 
